@@ -1,0 +1,123 @@
+"""Reading from memory: generation through transformers' own `generate`.
+
+The memory prefix enters as a prefilled key/value cache (computed once per memory state, see
+`MemoryModel.memory_prefix`); the attention mask covers [prefix ; prompt], so transformers derives
+position ids that start every row's first real token at P. Greedy, sampling, stop tokens, logits
+processors and streamers all work as they do for any transformers model. Left-padded batches are
+correct (the authors' code crashes on padding).
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import TYPE_CHECKING, Iterator
+
+import torch
+from transformers import TextIteratorStreamer
+
+from memllm.memory import Memory
+
+if TYPE_CHECKING:
+    from memllm.model import MemoryModel
+
+
+def generate(
+    model: "MemoryModel",
+    memory: Memory,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    **generate_kwargs,
+):
+    """transformers' `generate` on a prompt [B, T] read against a memory (decoder adapter).
+
+    Returns what `generate` returns: sequences [B, T + new] (prompt included), or a
+    GenerateOutput when `return_dict_in_generate=True`.
+    """
+    with model.adapter("decoder"):
+        inputs = model.prepare(memory, input_ids, attention_mask)
+        inputs.pop("position_ids")  # generate derives the same ones from the [prefix ; prompt] mask
+        generate_kwargs.setdefault("pad_token_id", _pad_id(model))
+        return model.lm.generate(**inputs, **generate_kwargs)
+
+
+def _pad_id(model: "MemoryModel") -> int | None:
+    tok = model.tokenizer
+    if tok is not None and tok.pad_token_id is not None:
+        return tok.pad_token_id
+    eos = model.lm.generation_config.eos_token_id
+    return eos[0] if isinstance(eos, list) else eos
+
+
+def encode_prompt(model: "MemoryModel", prompts: str | list[str], chat: bool | None = None) -> dict:
+    """Tokenize questions (left-padded as a batch). Chat models get their chat template
+    (`chat=None`: whenever the tokenizer has one)."""
+    tok = _require_tokenizer(model)
+    batch = [prompts] if isinstance(prompts, str) else list(prompts)
+    if not batch or any(not p.strip() for p in batch):
+        raise ValueError("the question is empty")
+    use_chat = chat if chat is not None else bool(getattr(tok, "chat_template", None))
+    if use_chat:
+        batch = [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+                 for p in batch]
+    previous = tok.padding_side
+    tok.padding_side = "left"
+    try:
+        # The published models read questions without a BOS token (the authors' examples).
+        enc = tok(batch, return_tensors="pt", padding=True, add_special_tokens=False)
+    finally:
+        tok.padding_side = previous
+    return {"input_ids": enc["input_ids"].to(model.device), "attention_mask": enc["attention_mask"].to(model.device)}
+
+
+def ask(
+    model: "MemoryModel",
+    memory: Memory,
+    question: str | list[str],
+    max_new_tokens: int = 32,
+    chat: bool | None = None,
+    **generate_kwargs,
+) -> str | list[str]:
+    """Answer a question (or a batch) from memory; returns only the new text."""
+    enc = encode_prompt(model, question, chat)
+    generate_kwargs.setdefault("do_sample", False)
+    with torch.no_grad():
+        out = generate(model, memory, max_new_tokens=max_new_tokens, **enc, **generate_kwargs)
+    new = out[:, enc["input_ids"].shape[1]:]
+    answers = model.tokenizer.batch_decode(new, skip_special_tokens=True)
+    return answers[0] if isinstance(question, str) else answers
+
+
+def stream(
+    model: "MemoryModel",
+    memory: Memory,
+    question: str,
+    max_new_tokens: int = 128,
+    chat: bool | None = None,
+    **generate_kwargs,
+) -> Iterator[str]:
+    """Yield the answer's text as it is generated (generation runs in a background thread)."""
+    enc = encode_prompt(model, question, chat)
+    streamer = TextIteratorStreamer(model.tokenizer, skip_prompt=True, skip_special_tokens=True)
+    generate_kwargs.setdefault("do_sample", False)
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            with torch.no_grad():
+                generate(model, memory, max_new_tokens=max_new_tokens, streamer=streamer, **enc, **generate_kwargs)
+        except BaseException as e:  # surfaced in the caller's thread below
+            errors.append(e)
+            streamer.end()
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    yield from streamer
+    thread.join()
+    if errors:
+        raise errors[0]
+
+
+def _require_tokenizer(model: "MemoryModel"):
+    if model.tokenizer is None:
+        raise ValueError("this model has no tokenizer: pass token ids, or load a checkpoint that ships one")
+    return model.tokenizer

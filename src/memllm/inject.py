@@ -1,0 +1,219 @@
+"""Writing into memory: injection (text -> delta memory) and the update that applies it to the pool.
+
+Injection (SPEC §3, encoder adapter): at layer l the sequence is S = [bos_l ; last K rows of memory_l ;
+x_l], `new_memory_positional_emb` is added to the last K rows of S, the first P = 1 + min(K, T) rows
+are a key/value prefix and the rest are queries. The layer's outputs at the last K positions are the
+layer's delta memory; the last T outputs are the next layer's x. When T < K the queries therefore begin
+with old memory rows `memory_l[N-K+T:]`, fresh from each layer's own memory.
+
+We run transformers' own model forward (masks, RoPE, gradient checkpointing, device placement) with the
+prefix as a key/value cache, and do the per-layer work with two hooks on each decoder layer: a pre-hook
+that builds the layer's query rows and adds the positional vector, and a hook that captures the delta.
+
+Everything stays differentiable: training backpropagates through an injection into the prediction
+that reads it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Iterator, Protocol
+
+import torch
+from transformers import DynamicCache
+
+from memllm.memory import Memory
+
+if TYPE_CHECKING:
+    from memllm.model import MemoryModel
+
+MIN_CONTEXT_TOKENS = 16  # the published models were trained on contexts of at least this many tokens
+
+
+def delta_memory(
+    model: "MemoryModel",
+    pool: torch.Tensor,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    initialized: bool = True,
+) -> torch.Tensor:
+    """Delta memory [B, L, K, d] of contexts input_ids [B, T] written against pool [L, N, d] (shared by
+    the batch) or [B, L, N, d] (one memory per row).
+
+    Padded batches are handled: each row gives what it would give alone. Uninitialised memories
+    (no prefix) give min(K, T) rows per layer.
+    """
+    B, T = input_ids.shape
+    K = model.config.num_tokens
+    if attention_mask is not None and not bool(attention_mask.all()):
+        lengths = attention_mask.sum(dim=1)
+        if int(lengths.min()) == 0:
+            raise ValueError("a context in the batch is empty (all padding)")
+        if int(lengths.min()) < K or not initialized:
+            # Rows shorter than K take the T < K path, whose prefix length depends on T: run them alone.
+            rows = []
+            for b in range(B):
+                ids = input_ids[b][attention_mask[b].bool()].unsqueeze(0)
+                row_pool = pool[b] if pool.dim() == 4 else pool
+                rows.append(delta_memory(model, row_pool, ids, None, initialized))
+            return torch.cat(rows, dim=0)
+        input_ids, attention_mask = _left_align(input_ids, attention_mask)
+    elif attention_mask is not None:
+        attention_mask = None
+
+    shared = pool.dim() == 3
+    pos_emb = model.new_memory_positional_emb  # [1, 1, d]
+    if initialized:
+        P = 1 + min(K, T)
+        num_queries = max(T, K)
+        num_new = K
+    else:
+        P, num_queries, num_new = 0, T, min(K, T)
+    old_queries = num_queries - T  # K - T old memory rows used as queries when T < K
+
+    def layer_pool(l: int, dev: torch.device) -> torch.Tensor:  # [B, N, d]
+        rows = pool[l] if shared else pool[:, l]
+        rows = rows.to(dev)
+        return rows.unsqueeze(0).expand(B, -1, -1) if shared else rows
+
+    captured: dict[int, torch.Tensor] = {}
+
+    def pre_hook(l: int):
+        def hook(module, args, kwargs):
+            hidden = args[0] if args else kwargs["hidden_states"]  # [B, num_queries, d]
+            x = hidden[:, old_queries:]
+            if old_queries:
+                mem = layer_pool(l, hidden.device)[:, -K + T:]
+                x = torch.cat([mem, x], dim=1)
+            x = torch.cat([x[:, :-num_new], x[:, -num_new:] + pos_emb.to(x.device)], dim=1)
+            if args:
+                return (x, *args[1:]), kwargs
+            return args, {**kwargs, "hidden_states": x}
+        return hook
+
+    def post_hook(l: int):
+        def hook(module, args, kwargs, output):
+            out = output[0] if isinstance(output, tuple) else output
+            captured[l] = out[:, -num_new:]
+        return hook
+
+    with model.adapter("encoder"):
+        cache = None
+        if P:
+            cache = DynamicCache(config=model.lm.config)
+            for l, layer_cache in enumerate(cache.layers):
+                dev = model.layers[l].input_layernorm.weight.device
+                bos = model.bos_embedding[l].unsqueeze(0).expand(B, -1, -1)
+                prefix = torch.cat([bos, layer_pool(l, dev)[:, -K:][:, : P - 1]], dim=1)  # [B, P, d]
+                k, v = model.prefix_kv(l, prefix)
+                layer_cache.lazy_initialization(k, v)
+                layer_cache.keys, layer_cache.values = k, v
+        embeds = model.lm.get_input_embeddings()(input_ids)  # [B, T, d]
+        if old_queries:  # placeholders, replaced by each layer's own memory rows in the pre-hook
+            embeds = torch.cat([embeds.new_zeros(B, old_queries, embeds.shape[-1]), embeds], dim=1)
+        if attention_mask is None:
+            text_mask = torch.ones(B, num_queries, dtype=torch.long, device=input_ids.device)
+        else:
+            text_mask = attention_mask.long()
+        position_ids = (text_mask.cumsum(-1) - 1).clamp(min=0) + P
+        full_mask = torch.cat([text_mask.new_ones(B, P), text_mask], dim=1)
+        handles = []
+        try:
+            for l, layer in enumerate(model.layers):
+                handles.append(layer.register_forward_pre_hook(pre_hook(l), with_kwargs=True))
+                handles.append(layer.register_forward_hook(post_hook(l), with_kwargs=True))
+            model.lm.model(
+                inputs_embeds=embeds, attention_mask=full_mask, position_ids=position_ids,
+                cache=cache, use_cache=cache is not None,
+            )
+        finally:
+            for h in handles:
+                h.remove()
+    first = model.layers[0].input_layernorm.weight.device
+    return torch.stack([captured[l].to(first) for l in range(model.num_layers)], dim=1)
+
+
+def _left_align(input_ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Move every row's real tokens to the right end (left padding), whatever side it was padded on."""
+    order = torch.argsort(mask.long(), dim=1, stable=True)  # zeros (padding) first, token order kept
+    return input_ids.gather(1, order), mask.gather(1, order)
+
+
+# ---- choosing which memory vectors to drop -------------------------------------------------------
+
+
+class DropPolicy(Protocol):
+    """Which rows of the pool survive an update: kept indices [L, N - k], ascending, per layer."""
+
+    def __call__(self, num_layers: int, pool_size: int, num_new: int, device: torch.device) -> torch.Tensor: ...
+
+
+@dataclass
+class RandomDrop:
+    """The published policy: keep a uniformly random N - k rows in their order, per layer
+    (`per_layer`, every published training config) or one choice shared by all layers."""
+
+    per_layer: bool = True
+    generator: torch.Generator | None = None
+
+    def __call__(self, num_layers: int, pool_size: int, num_new: int, device: torch.device) -> torch.Tensor:
+        draws = num_layers if self.per_layer else 1
+        kept = [torch.randperm(pool_size, generator=self.generator)[: pool_size - num_new].sort().values
+                for _ in range(draws)]
+        kept = torch.stack(kept)
+        return kept.expand(num_layers, -1).to(device)
+
+
+class RecordedDrop:
+    """Replays given kept indices, one [L, N - k] tensor per update (tests feed the authors' choices)."""
+
+    def __init__(self, kept: list[torch.Tensor]) -> None:
+        self._kept: Iterator[torch.Tensor] = iter(kept)
+
+    def __call__(self, num_layers: int, pool_size: int, num_new: int, device: torch.device) -> torch.Tensor:
+        kept = next(self._kept)
+        if tuple(kept.shape) != (num_layers, pool_size - num_new):
+            raise ValueError(f"recorded kept indices have shape {tuple(kept.shape)}, "
+                             f"expected {(num_layers, pool_size - num_new)}")
+        return kept.to(device)
+
+
+def update(model: "MemoryModel", memory: Memory, delta: torch.Tensor, drop: DropPolicy | None = None) -> torch.Tensor:
+    """Apply delta memory [L, k, d] to the memory: drop k old rows per layer, append the new ones.
+
+    Returns the kept indices [L, N - k]. The pool tensor is replaced, never written into, so forks
+    of this memory are unaffected. An uninitialised pool is filled by repeating the delta.
+    """
+    if delta.dim() != 3:
+        raise ValueError(f"delta memory must be [layers, k, hidden], got {tuple(delta.shape)}")
+    L, N, d = memory.pool.shape
+    delta = delta.to(memory.pool.device, memory.pool.dtype)
+    if not memory.initialized:
+        n = delta.shape[1]
+        repeats = [delta] * (N // n) + ([delta[:, n - N % n:]] if N % n else [])
+        memory.pool = torch.cat(repeats, dim=1)
+        memory.initialized = True
+        memory.num_updates += 1
+        return torch.empty(L, 0, dtype=torch.long, device=memory.pool.device)
+    k = delta.shape[1]
+    drop = drop or RandomDrop(per_layer=model.config.drop_memory_per_layer)
+    kept = drop(L, N, k, memory.pool.device)
+    kept_rows = memory.pool.gather(1, kept.unsqueeze(-1).expand(-1, -1, d))  # [L, N - k, d]
+    if memory.ltm is not None:
+        from memllm.mplus import move_dropped_to_ltm
+
+        move_dropped_to_ltm(model, memory, kept, k)
+    memory.pool = torch.cat([kept_rows, delta], dim=1)
+    memory.num_updates += 1
+    return kept
+
+
+def chunks(input_ids: torch.Tensor, chunk_size: int) -> list[torch.Tensor]:
+    """Split a long context [T] into consecutive chunks of at most chunk_size tokens, the way the
+    papers inject long documents. A short tail is merged into the previous chunk when it would be
+    under MIN_CONTEXT_TOKENS, so that no injection is shorter than what the models were trained on."""
+    pieces = list(torch.split(input_ids, chunk_size))
+    if len(pieces) > 1 and pieces[-1].numel() < MIN_CONTEXT_TOKENS:
+        tail = pieces.pop()
+        pieces[-1] = torch.cat([pieces[-1], tail])
+    return pieces

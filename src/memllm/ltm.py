@@ -1,0 +1,513 @@
+"""M+ long-term memory (LTM): per-layer storage, merge schedule and retrieval.
+
+This module is a pure tensor data structure (no model). It reproduces the published M+
+bookkeeping (SPEC §4, golden README "M+"):
+
+* every layer ``l`` holds LTM rows ``vectors`` [M_l, d], retrieval ``keys`` [M_l, s], integer
+  ``ages`` [M_l] and ``recall_frequencies`` [M_l]; plus a cache of rows dropped from the
+  short-term memory that have not been merged yet (rows, keys, ages);
+* one global ``update_step`` counter decides when caches are merged into the LTMs.
+
+Update protocol, once per injection (K = rows dropped per layer)::
+
+    for l in layers:
+        ltm.add_dropped(l, dropped_rows, dropped_keys, dropped_stm_ages)   # steps 3 + 4
+    merge = ltm.finish_update(K)                                           # step 5
+    # merge is None, or a list (per layer) of source positions in [old LTM ; cache]
+
+Retrieval scores every candidate of ``[LTM ; cache]`` by ``mean_t sigmoid(q_t · key)`` and
+returns the top R ordered oldest first (:meth:`LongTermMemory.retrieve`). Two modes:
+``"exact"`` is the published dense scan; ``"index"`` uses an :class:`LTMIndex` (faiss IVF
+partition of the LTM keys) to propose candidates that are then scored exactly.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import faiss
+import numpy as np
+import torch
+from torch import Tensor
+
+RetrievalMode = Literal["exact", "index"]
+
+# Recall frequencies at or below this count as "reached 0" (official threshold).
+_RF_ALIVE_THRESHOLD = 0.01
+# Rows per chunk of the dense scan: bounds the [chunk, T] logits buffer.
+_SCAN_CHUNK = 1 << 17
+
+
+@dataclass(frozen=True)
+class LTMConfig:
+    """The M+ memory hyper-parameters the LTM needs (names as in the HF config)."""
+
+    num_tokens: int  # K: rows dropped from the STM per injection
+    num_ltm_blocks: int  # R = num_ltm_blocks * num_tokens rows are retrieved
+    update_ltm_frequency: int = 60  # merge the cache every this many injections
+    decay_frequency: float = 1.0
+    initial_rf_when_moving_stm_to_ltm: float = 10.0
+
+    @property
+    def retrieval_size(self) -> int:
+        """R, the number of LTM rows put in front of the STM at every layer."""
+        return self.num_ltm_blocks * self.num_tokens
+
+    @classmethod
+    def from_hf_config(cls, config: Mapping[str, object]) -> LTMConfig:
+        """Build from a checkpoint's ``config.json`` dict."""
+        return cls(
+            num_tokens=int(config["num_tokens"]),  # type: ignore[arg-type]
+            num_ltm_blocks=int(config["num_ltm_blocks"]),  # type: ignore[arg-type]
+            update_ltm_frequency=int(config.get("update_ltm_frequency", 60)),  # type: ignore[arg-type]
+            decay_frequency=float(config.get("decay_frequency", 1.0)),  # type: ignore[arg-type]
+            initial_rf_when_moving_stm_to_ltm=float(
+                config.get("initial_rf_when_moving_stm_to_ltm", 10.0)  # type: ignore[arg-type]
+            ),
+        )
+
+
+@dataclass
+class LTMLayer:
+    """One layer's LTM and cache of dropped-but-not-merged rows.
+
+    The cache is kept as a list of chunks (one per injection) so that appending is O(K) and
+    the concatenation is only materialised when needed.
+    """
+
+    vectors: Tensor  # [M, d]
+    keys: Tensor  # [M, s]
+    ages: Tensor  # [M] int64
+    recall_frequencies: Tensor  # [M] float32
+    cache_vector_chunks: list[Tensor] = field(default_factory=list)  # each [k_i, d]
+    cache_key_chunks: list[Tensor] = field(default_factory=list)  # each [k_i, s]
+    cache_age_chunks: list[Tensor] = field(default_factory=list)  # each [k_i] int64
+
+    @property
+    def num_ltm(self) -> int:
+        return int(self.vectors.shape[0])
+
+    @property
+    def num_cached(self) -> int:
+        return sum(int(c.shape[0]) for c in self.cache_age_chunks)
+
+    def _cat(self, chunks: list[Tensor], like: Tensor) -> Tensor:
+        if not chunks:
+            return like.new_empty((0, *like.shape[1:]))
+        if len(chunks) > 1:
+            merged = torch.cat(chunks)
+            chunks[:] = [merged]  # keep the concatenation, later calls are free
+        return chunks[0]
+
+    @property
+    def cache_vectors(self) -> Tensor:  # [C, d]
+        return self._cat(self.cache_vector_chunks, self.vectors)
+
+    @property
+    def cache_keys(self) -> Tensor:  # [C, s]
+        return self._cat(self.cache_key_chunks, self.keys)
+
+    @property
+    def cache_ages(self) -> Tensor:  # [C] int64
+        return self._cat(self.cache_age_chunks, self.ages)
+
+    def rows(self, positions: Tensor) -> Tensor:
+        """Rows of ``[LTM ; cache]`` at ``positions`` without concatenating the two. [n, d]"""
+        return _gather_two(self.vectors, self.cache_vectors, positions)
+
+    def row_ages(self, positions: Tensor) -> Tensor:
+        """Ages of ``[LTM ; cache]`` at ``positions``. [n] int64"""
+        return _gather_two(self.ages, self.cache_ages, positions)
+
+
+def _gather_two(first: Tensor, second: Tensor, positions: Tensor) -> Tensor:
+    """``torch.cat([first, second])[positions]`` without materialising the concatenation."""
+    n_first = first.shape[0]
+    out = first.new_empty((positions.shape[0], *first.shape[1:]))
+    in_first = positions < n_first
+    n_in = int(in_first.sum())
+    if bool(in_first[:n_in].all()):  # sorted-like: LTM positions first, write slices in place
+        torch.index_select(first, 0, positions[:n_in], out=out[:n_in])
+        out[n_in:] = second[positions[n_in:] - n_first].to(first.dtype)
+    else:
+        out[in_first] = first[positions[in_first]]
+        out[~in_first] = second[positions[~in_first] - n_first].to(first.dtype)
+    return out
+
+
+@dataclass
+class Retrieval:
+    """Result of one retrieval at one layer.
+
+    Positions index ``[LTM ; cache]`` of that layer (cache rows follow the M LTM rows).
+    """
+
+    order: Tensor  # [R] int64, the retrieved rows in prefix order (oldest first)
+    selected_sorted: Tensor  # [R] int64, the top-R positions ascending (LTM ≥ R case)
+    order_scores: Tensor  # [R] float32, score of each row of `order`
+    scores: Tensor | None  # [M + C] all scores (exact mode); None in index mode
+    repeated: bool = False  # True when the LTM held < R rows and indices were repeated
+
+
+def retrieval_scores(queries: Tensor, keys: Tensor, chunk: int = _SCAN_CHUNK) -> Tensor:
+    """Dense score of every key: ``mean_t sigmoid(q_t · key)``.
+
+    queries [T, s] or [B, T, s]; keys [M, s] → scores [M] or [B, M]. Chunked over M so the
+    [chunk, B·T] logits buffer stays small for millions of keys.
+    """
+    batched = queries.dim() == 3
+    q = queries if batched else queries.unsqueeze(0)
+    b, t, s = q.shape
+    qt = q.reshape(b * t, s).to(torch.float32).t().contiguous()  # [s, B·T]
+    m = keys.shape[0]
+    out = torch.empty((b, m), dtype=torch.float32)
+    for start in range(0, m, chunk):
+        stop = min(start + chunk, m)
+        logits = keys[start:stop].to(torch.float32) @ qt  # [c, B·T]
+        torch.sigmoid_(logits)
+        out[:, start:stop] = logits.view(stop - start, b, t).mean(dim=2).t()
+    return out if batched else out[0]
+
+
+def order_by_age(selected_sorted: Tensor, ages: Tensor) -> Tensor:
+    """Order positions oldest first; equal ages: the later position first.
+
+    selected_sorted [R] ascending positions, ages [R] their ages → [R] positions. This is what
+    the official ``numpy.argsort(ages)[::-1]`` gives for R ≤ 16 (insertion sort, stable,
+    then reversed); we apply the same rule for every R so results are deterministic.
+    """
+    rev = selected_sorted.flip(0)
+    perm = torch.sort(-ages.flip(0).to(torch.int64), stable=True).indices
+    return rev[perm]
+
+
+def _select(
+    layer: LTMLayer, positions: Tensor, scores: Tensor, r: int, all_scores: Tensor | None
+) -> Retrieval:
+    """Top-r of candidate ``positions`` with ``scores`` → ordered :class:`Retrieval`."""
+    top = torch.topk(scores, r, sorted=False).indices
+    chosen = positions[top]
+    selected_sorted, perm = torch.sort(chosen)
+    chosen_scores = scores[top][perm]
+    order = order_by_age(selected_sorted, layer.row_ages(selected_sorted))
+    # Scores in `order`: map each ordered position back through the sorted selection.
+    idx = torch.searchsorted(selected_sorted, order)
+    return Retrieval(order, selected_sorted, chosen_scores[idx], all_scores)
+
+
+class LTMIndex:
+    """Approximate candidate generator over one layer's LTM keys, backed by a faiss IVF.
+
+    Why not a plain ANN search: the retrieval score ``mean_t sigmoid(q_t · k)`` is not an inner
+    product. We therefore use faiss k-means to *partition* the keys (IVF lists, inner-product
+    assignment) and choose which partitions to visit; every key of a visited partition is then
+    scored exactly, so the returned scores are the true ones and recall is controlled by how
+    many keys are visited. Partitions are chosen as the union of (a) the centroids with the
+    highest true score ``mean_t sigmoid(q_t · c)``, taken in that order until at least
+    ``nprobe`` lists and ``min_candidates`` keys are covered, and (b) the ``per_row_probe``
+    centroids with the highest inner product with each query row (catches keys that one row
+    likes a lot). Assignment uses a torch matmul (faster than faiss' flat search on 2 cores).
+
+    Positions are kept aligned with the LTM: appends assign new keys to the nearest centroid;
+    evictions filter the assignment array. Centroids are not retrained on updates; call
+    :meth:`build` again if the key distribution drifts far from the one trained on.
+    """
+
+    def __init__(
+        self,
+        nlist: int | None = None,
+        nprobe: int = 32,
+        per_row_probe: int = 2,
+        min_candidates: int = 8 * 2560,
+        train_points_per_list: int = 40,
+        niter: int = 10,
+        seed: int = 0,
+    ) -> None:
+        self.nlist_request = nlist
+        self.nprobe = nprobe
+        self.per_row_probe = per_row_probe
+        self.min_candidates = min_candidates
+        self.train_points_per_list = train_points_per_list
+        self.niter = niter
+        self.seed = seed
+        self.centroids = torch.empty(0)  # [nlist, s]
+        self._assign = np.empty(0, dtype=np.int64)  # [M] list of every key
+        self._offsets = np.zeros(1, dtype=np.int64)  # [nlist + 1] CSR offsets
+        self._members = torch.empty(0, dtype=torch.int64)  # [M] positions grouped by list
+
+    @property
+    def size(self) -> int:
+        return int(self._assign.shape[0])
+
+    @staticmethod
+    def default_nlist(m: int) -> int:
+        """About sqrt(M) partitions of about sqrt(M) keys: training and probing stay cheap."""
+        return max(1, min(m // 16, int(math.sqrt(max(m, 1)))))
+
+    def build(self, keys: Tensor) -> LTMIndex:
+        """Train centroids on (a sample of) ``keys`` [M, s] and assign every key."""
+        x = _as_f32_numpy(keys)
+        m, s = x.shape
+        nlist = self.nlist_request or self.default_nlist(m)
+        nlist = max(1, min(nlist, m))
+        km = faiss.Kmeans(
+            s,
+            nlist,
+            niter=self.niter,
+            seed=self.seed,
+            spherical=False,
+            max_points_per_centroid=self.train_points_per_list,
+            min_points_per_centroid=1,
+        )
+        km.train(x)
+        self.centroids = torch.from_numpy(np.ascontiguousarray(km.centroids))
+        self._assign = self._nearest(keys)
+        self._rebuild_lists()
+        return self
+
+    def _nearest(self, keys: Tensor) -> np.ndarray:
+        """Inner-product-nearest centroid of every key [n, s] → [n] int64."""
+        out = np.empty(keys.shape[0], dtype=np.int64)
+        ct = self.centroids.t().contiguous()  # [s, nlist]
+        for a in range(0, keys.shape[0], _SCAN_CHUNK):
+            b = min(a + _SCAN_CHUNK, keys.shape[0])
+            out[a:b] = (keys[a:b].to(torch.float32) @ ct).argmax(dim=1).numpy()
+        return out
+
+    def _rebuild_lists(self) -> None:
+        order = np.argsort(self._assign, kind="stable")
+        counts = np.bincount(self._assign, minlength=self.centroids.shape[0])
+        self._offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        self._members = torch.from_numpy(order.astype(np.int64))
+
+    def add(self, keys: Tensor) -> None:
+        """Append keys [n, s] (positions M..M+n-1), e.g. the cache merged into the LTM."""
+        self._assign = np.concatenate([self._assign, self._nearest(keys)])
+        self._rebuild_lists()
+
+    def keep(self, positions: Tensor) -> None:
+        """Keep only the rows at ascending ``positions`` (eviction), renumbering them 0..n-1."""
+        self._assign = self._assign[positions.numpy()]
+        self._rebuild_lists()
+
+    def candidates(self, queries: Tensor) -> Tensor:
+        """Positions of LTM keys worth scoring exactly for queries [T, s]. → [n] int64."""
+        q = queries.to(torch.float32)
+        nlist = self.centroids.shape[0]
+        centroid_scores = retrieval_scores(q, self.centroids)  # [nlist]
+        ranked = torch.argsort(centroid_scores, descending=True).numpy()
+        sizes = np.diff(self._offsets)[ranked]
+        enough = int(np.searchsorted(np.cumsum(sizes), self.min_candidates)) + 1
+        chosen = [ranked[: max(self.nprobe, enough)]]
+        if self.per_row_probe > 0:
+            row_ip = q @ self.centroids.t()  # [T, nlist]
+            chosen.append(torch.topk(row_ip, min(self.per_row_probe, nlist), dim=1).indices.reshape(-1).numpy())
+        lists = np.unique(np.concatenate(chosen))
+        lists = lists[lists >= 0]
+        starts, stops = self._offsets[lists], self._offsets[lists + 1]
+        if len(lists) == 0:
+            return torch.empty(0, dtype=torch.int64)
+        pieces = [self._members[a:b] for a, b in zip(starts.tolist(), stops.tolist()) if b > a]
+        return torch.cat(pieces) if pieces else torch.empty(0, dtype=torch.int64)
+
+
+def _as_f32_numpy(t: Tensor) -> np.ndarray:
+    """A float32 C-contiguous numpy view of ``t`` (copies only if dtype/layout demand it)."""
+    t = t.detach()
+    if t.dtype != torch.float32:
+        t = t.to(torch.float32)
+    return np.ascontiguousarray(t.numpy())
+
+
+class LongTermMemory:
+    """All layers' LTMs and caches plus the global merge counter (see module docstring)."""
+
+    def __init__(self, config: LTMConfig, layers: Sequence[LTMLayer], update_step: int = 0):
+        self.config = config
+        self.layers: list[LTMLayer] = list(layers)
+        self.update_step = update_step
+        self.indexes: list[LTMIndex | None] = [None] * len(self.layers)
+
+    # ------------------------------------------------------------------ construction / io
+    @classmethod
+    def empty(cls, config: LTMConfig, num_layers: int, dim: int, selector_dim: int) -> LongTermMemory:
+        layers = [
+            LTMLayer(
+                torch.empty(0, dim),
+                torch.empty(0, selector_dim),
+                torch.empty(0, dtype=torch.int64),
+                torch.empty(0, dtype=torch.float32),
+            )
+            for _ in range(num_layers)
+        ]
+        return cls(config, layers)
+
+    @classmethod
+    def from_tensors(cls, tensors: Mapping[str, Tensor], config: LTMConfig) -> LongTermMemory:
+        """Build from ``ltm.{l}``, ``ltm_keys.{l}``, ... tensors (checkpoint or :meth:`state_dict`).
+
+        ``ltm.{l}`` and ``ltm_keys.{l}`` are used as given (no copy), so tensors memory-mapped
+        from safetensors stay mapped; only the small per-row ages/frequencies are converted.
+        Cache tensors and ``ltm_update_step`` are optional (absent in published checkpoints).
+        """
+        num_layers = 0
+        while f"ltm.{num_layers}" in tensors:
+            num_layers += 1
+        layers = []
+        for l in range(num_layers):
+            vectors, keys = tensors[f"ltm.{l}"], tensors[f"ltm_keys.{l}"]
+            layer = LTMLayer(
+                vectors,
+                keys,
+                tensors[f"ltm_ages.{l}"].round().to(torch.int64),
+                tensors[f"ltm_recall_frequencies.{l}"].to(torch.float32),
+            )
+            if f"ltm_cache.{l}" in tensors and tensors[f"ltm_cache.{l}"].shape[0] > 0:
+                layer.cache_vector_chunks.append(tensors[f"ltm_cache.{l}"])
+                layer.cache_key_chunks.append(tensors[f"ltm_cache_keys.{l}"])
+                layer.cache_age_chunks.append(tensors[f"ltm_cache_ages.{l}"].round().to(torch.int64))
+            layers.append(layer)
+        step = tensors.get("ltm_update_step")
+        return cls(config, layers, int(step.item()) if step is not None else 0)
+
+    def state_dict(self) -> dict[str, Tensor]:
+        """Flat tensors in checkpoint naming; ages saved as float like published checkpoints."""
+        out: dict[str, Tensor] = {}
+        for l, layer in enumerate(self.layers):
+            out[f"ltm.{l}"] = layer.vectors
+            out[f"ltm_keys.{l}"] = layer.keys
+            out[f"ltm_ages.{l}"] = layer.ages.to(torch.float32)
+            out[f"ltm_recall_frequencies.{l}"] = layer.recall_frequencies
+            out[f"ltm_cache.{l}"] = layer.cache_vectors
+            out[f"ltm_cache_keys.{l}"] = layer.cache_keys
+            out[f"ltm_cache_ages.{l}"] = layer.cache_ages.to(torch.float32)
+        out["ltm_update_step"] = torch.tensor(self.update_step, dtype=torch.int64)
+        return out
+
+    # ------------------------------------------------------------------ update
+    def add_dropped(self, layer: int, vectors: Tensor, keys: Tensor, ages: Tensor) -> None:
+        """Steps 3-4 for one layer: age LTM and cache by K = len(vectors), then cache the rows.
+
+        vectors [K, d], keys [K, s], ages [K] (their STM ages at drop time).
+        """
+        k = int(vectors.shape[0])
+        st = self.layers[layer]
+        st.ages = st.ages + k
+        st.cache_age_chunks[:] = [a + k for a in st.cache_age_chunks]
+        st.cache_vector_chunks.append(vectors.detach())
+        st.cache_key_chunks.append(keys.detach())
+        st.cache_age_chunks.append(ages.detach().to(torch.int64))
+
+    def finish_update(self, k: int) -> list[Tensor] | None:
+        """Step 5, once per injection: advance the counter and merge if it is time.
+
+        Returns None when nothing was merged, else per layer the positions in
+        ``[old LTM ; cache]`` of the rows that form the new LTM (ascending).
+        """
+        self.update_step += k
+        if self.update_step < self.config.update_ltm_frequency * k:
+            return None
+        sources = [self._merge_layer(l) for l in range(len(self.layers))]
+        self.update_step = 0
+        return sources
+
+    def _merge_layer(self, l: int) -> Tensor:
+        cfg = self.config
+        st = self.layers[l]
+        m, c = st.num_ltm, st.num_cached
+        rf = torch.cat(
+            [
+                st.recall_frequencies.to(torch.float32),
+                torch.full((c,), float(cfg.initial_rf_when_moving_stm_to_ltm)),
+            ]
+        )
+        rf -= cfg.decay_frequency
+        alive = rf > _RF_ALIVE_THRESHOLD
+        cache_v, cache_k, cache_a = st.cache_vectors, st.cache_keys, st.cache_ages
+        index = self.indexes[l]
+        if int(alive.sum()) > cfg.retrieval_size:
+            keep = torch.nonzero(alive).squeeze(1)  # [n] ascending
+            st.vectors = _gather_two(st.vectors, cache_v, keep)
+            st.keys = _gather_two(st.keys, cache_k, keep)
+            st.ages = _gather_two(st.ages, cache_a, keep)
+            st.recall_frequencies = rf[keep]
+            if index is not None:
+                index.add(cache_k)
+                index.keep(keep)
+        else:
+            keep = torch.arange(m + c)
+            st.vectors = torch.cat([st.vectors, cache_v.to(st.vectors.dtype)])
+            st.keys = torch.cat([st.keys, cache_k.to(st.keys.dtype)])
+            st.ages = torch.cat([st.ages, cache_a])
+            st.recall_frequencies = rf + cfg.decay_frequency
+            if index is not None:
+                index.add(cache_k)
+        st.cache_vector_chunks.clear()
+        st.cache_key_chunks.clear()
+        st.cache_age_chunks.clear()
+        return keep
+
+    # ------------------------------------------------------------------ retrieval
+    def build_index(self, layer: int | None = None, **index_kwargs: object) -> None:
+        """Build an :class:`LTMIndex` for one layer (or all), enabling ``mode="index"``."""
+        targets = range(len(self.layers)) if layer is None else [layer]
+        for l in targets:
+            self.indexes[l] = LTMIndex(**index_kwargs).build(self.layers[l].keys)  # type: ignore[arg-type]
+
+    def retrieve(self, layer: int, queries: Tensor, mode: RetrievalMode = "exact") -> Retrieval:
+        """Top-R rows of ``[LTM ; cache]`` for queries [T, s], ordered oldest first.
+
+        If the LTM holds fewer than R rows the official code repeats LTM positions cyclically
+        (0, 1, ..., M-1, 0, ...) and ignores the cache; we do the same (no age ordering).
+        """
+        st = self.layers[layer]
+        r = self.config.retrieval_size
+        m = st.num_ltm
+        if m < r:
+            return self._repeat(st, queries)
+        if mode == "exact":
+            scores = retrieval_scores(queries, st.keys)
+            if st.num_cached:
+                scores = torch.cat([scores, retrieval_scores(queries, st.cache_keys)])
+            return _select(st, torch.arange(scores.shape[0]), scores, r, scores)
+        if mode != "index":
+            raise ValueError(f"unknown retrieval mode {mode!r}")
+        index = self.indexes[layer]
+        if index is None or index.size != m:
+            raise RuntimeError(f"layer {layer}: no up-to-date index; call build_index() first")
+        cand = index.candidates(queries)
+        if cand.shape[0] < r:  # too few proposals (tiny LTM): fall back to the exact scan
+            return self.retrieve(layer, queries, "exact")
+        scores = retrieval_scores(queries, st.keys[cand])
+        if st.num_cached:
+            cand = torch.cat([cand, torch.arange(m, m + st.num_cached)])
+            scores = torch.cat([scores, retrieval_scores(queries, st.cache_keys)])
+        return _select(st, cand, scores, r, None)
+
+    def retrieve_batch(
+        self, layer: int, queries: Tensor, mode: RetrievalMode = "exact"
+    ) -> list[Retrieval]:
+        """Per-batch-row retrieval for queries [B, T, s] (our extension; official is batch 1).
+
+        In exact mode the B·T query rows share one pass over the keys.
+        """
+        st = self.layers[layer]
+        if mode != "exact" or st.num_ltm < self.config.retrieval_size:
+            return [self.retrieve(layer, q, mode) for q in queries]
+        scores = retrieval_scores(queries, st.keys)  # [B, M]
+        if st.num_cached:
+            scores = torch.cat([scores, retrieval_scores(queries, st.cache_keys)], dim=1)
+        positions = torch.arange(scores.shape[1])
+        r = self.config.retrieval_size
+        return [_select(st, positions, row, r, row) for row in scores]
+
+    def _repeat(self, st: LTMLayer, queries: Tensor) -> Retrieval:
+        r, m = self.config.retrieval_size, st.num_ltm
+        if m == 0:
+            raise ValueError("cannot retrieve from an empty LTM")
+        scores = retrieval_scores(queries, st.keys)  # [M]
+        order = torch.arange(r) % m
+        return Retrieval(order, order.clone(), scores[order], scores, repeated=True)

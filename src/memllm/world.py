@@ -1,0 +1,452 @@
+"""A seeded synthetic world of invented people, used to train and evaluate tiny memory models.
+
+Why synthetic: a memory model is only measured honestly on facts it cannot have learned into its
+weights. Names are built from syllables, so the space of people is effectively unbounded and every
+training step can draw people never seen before; held-out people come from a disjoint part of the
+name space (a stable hash of the name), so no training stream can ever contain one.
+
+Every attribute value is a single word drawn from a finite, known list, so a tokenizer can hold each
+value as one token and answers can be scored by exact match on one token.
+
+All randomness goes through ``random.Random`` instances passed in or derived from explicit seeds;
+nothing here touches the global random state.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import re
+import unicodedata
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+__all__ = [
+    "ATTRIBUTES",
+    "BIO_STYLES",
+    "Person",
+    "TextSnippets",
+    "World",
+    "WorldConfig",
+]
+
+# --------------------------------------------------------------------------------------------------
+# Fixed inventories. Person names start with one of b d f g h k l m n p r s t; invented cities and
+# companies start with one of c j q v w y z; distractor places start with a vowel. Disjoint initials
+# mean no person-name word ever begins with a value word, so tokenizations cannot be confused.
+# --------------------------------------------------------------------------------------------------
+
+PERSON_SYLLABLES: tuple[str, ...] = (
+    "ba", "bel", "bo", "bri", "da", "dor", "dru", "fa", "fen", "fi", "ga", "gor", "gri", "ha",
+    "hil", "hol", "ka", "kel", "kor", "la", "len", "lo", "lun", "ma", "mar", "mi", "mor", "na",
+    "nel", "nor", "pe", "pim", "pol", "ra", "ren", "ro", "rus", "sa", "sel", "so", "sten", "ta",
+    "tam", "tor", "tu", "bek", "dil", "mun",
+)
+
+_VALUE_ONSETS: tuple[str, ...] = (
+    "ca", "cal", "cor", "ja", "jor", "qua", "quin", "va", "vel", "vor", "wy", "wen", "ya", "yer",
+    "za", "zen", "zor", "cyr", "jun", "vis",
+)
+_CITY_ENDINGS: tuple[str, ...] = (
+    "mora", "drel", "thas", "wick", "vale", "ria", "holm", "gard", "nos", "lis", "mere", "dun",
+    "stead", "ford", "bria", "land",
+)
+_COMPANY_ENDINGS: tuple[str, ...] = (
+    "vex", "tron", "ion", "ium", "dex", "nix", "ora", "lytics", "soft", "works", "tek", "corp",
+    "ware", "gen", "lex", "dyne",
+)
+
+JOBS: tuple[str, ...] = (
+    "baker", "pilot", "nurse", "teacher", "farmer", "lawyer", "dentist", "plumber", "chef",
+    "tailor", "sailor", "doctor", "architect", "engineer", "librarian", "carpenter", "florist",
+    "butcher", "journalist", "pharmacist", "mechanic", "electrician", "surgeon", "gardener",
+    "banker", "poet", "jeweller", "photographer", "veterinarian", "accountant",
+)
+PETS: tuple[str, ...] = (
+    "cat", "dog", "parrot", "hamster", "rabbit", "goldfish", "tortoise", "ferret", "canary",
+    "lizard", "snake", "pony", "goat", "iguana", "gecko", "budgie", "chinchilla", "hedgehog",
+    "duck", "frog",
+)
+COLOURS: tuple[str, ...] = (
+    "red", "blue", "green", "yellow", "purple", "orange", "pink", "brown", "black", "white",
+    "grey", "teal", "crimson", "violet", "indigo", "maroon", "olive", "amber", "turquoise",
+    "silver", "gold", "beige",
+)
+HOBBIES: tuple[str, ...] = (
+    "chess", "fishing", "hiking", "knitting", "cycling", "swimming", "archery", "dancing",
+    "singing", "climbing", "juggling", "birdwatching", "fencing", "rowing", "skating", "surfing",
+    "origami", "calligraphy", "karaoke", "yoga", "bowling", "tennis", "golf", "sudoku",
+)
+
+ATTRIBUTES: tuple[str, ...] = (
+    "birth_city", "birth_year", "job", "employer", "pet", "colour", "hobby",
+)
+"""Every attribute a person has, in a fixed canonical order."""
+
+BIO_STYLES: tuple[str, ...] = ("sentence", "notes")
+"""``sentence``: one sentence of clauses; ``notes``: several terse sentences."""
+
+# Clause phrasings for the one-sentence biography; "{v}" is the value, "{a}" its article (a/an).
+_CLAUSES: dict[str, tuple[str, ...]] = {
+    "birth_city": ("was born in {v}", "is a native of {v}", "hails from {v}"),
+    "birth_year": ("was born in {v}", "was born in the year {v}", "arrived in {v}"),
+    "job": ("works as {a} {v}", "is {a} {v} by trade", "earns a living as {a} {v}"),
+    "employer": ("works at {v}", "is employed by {v}", "has a job at {v}"),
+    "pet": ("owns {a} {v}", "has a pet {v}", "keeps {a} {v}"),
+    "colour": ("loves the colour {v}", "likes {v} best", "favours {v}"),
+    "hobby": ("enjoys {v}", "has {v} as a hobby", "spends weekends on {v}"),
+}
+# Terse sentences for the "notes" biography.
+_NOTES: dict[str, tuple[str, ...]] = {
+    "birth_city": ("Born in {v}.", "Native of {v}.", "From {v}."),
+    "birth_year": ("Born in {v}.", "Birth year {v}.", "Year of birth {v}."),
+    "job": ("Works as {a} {v}.", "Job: {v}.", "Is {a} {v}."),
+    "employer": ("Works at {v}.", "Employer: {v}.", "Employed by {v}."),
+    "pet": ("Owns {a} {v}.", "Pet: {v}.", "Keeps {a} {v}."),
+    "colour": ("Favourite colour {v}.", "Colour: {v}.", "Likes {v} best."),
+    "hobby": ("Enjoys {v}.", "Hobby: {v}.", "Spends weekends on {v}."),
+}
+_QUESTIONS: dict[str, tuple[str, ...]] = {
+    "birth_city": (
+        "Where was {n} born?", "In which city was {n} born?", "What is the birth city of {n}?",
+    ),
+    "birth_year": (
+        "When was {n} born?", "In what year was {n} born?", "What is the birth year of {n}?",
+    ),
+    "job": ("What is {n}'s job?", "What does {n} do for a living?", "What job does {n} have?"),
+    "employer": (
+        "Where does {n} work?", "Which company employs {n}?", "Who is the employer of {n}?",
+    ),
+    "pet": ("What pet does {n} have?", "Which animal does {n} own?", "What is {n}'s pet?"),
+    "colour": (
+        "What is {n}'s favourite colour?", "Which colour does {n} like best?",
+        "What colour does {n} love?",
+    ),
+    "hobby": ("What is {n}'s hobby?", "What does {n} enjoy?", "Which hobby does {n} have?"),
+}
+
+# Distractor material; none of these words is an attribute value (checked by World.__init__).
+_PLACE_KINDS = ("village", "town", "valley", "harbour", "island", "forest", "market", "castle")
+_PLACE_ONSETS = ("A", "El", "Ir", "O", "U", "Ash", "Em", "Is", "Or", "Ul", "Ev", "Ab")
+_PLACE_ENDINGS = (
+    "strav", "mund", "brin", "dell", "wold", "rath", "kesh", "mark", "lowe", "thorn", "grove",
+    "moor",
+)
+_ADJECTIVES = (
+    "old", "quiet", "narrow", "windy", "busy", "ancient", "muddy", "sunny", "tall", "small",
+    "famous", "crooked", "stone", "wooden", "empty", "rainy",
+)
+_PLACE_FEATURES = (
+    "bridges", "bells", "towers", "gardens", "wells", "markets", "mills", "fountains", "ferries",
+    "lanterns", "orchards", "harbours",
+)
+_PLACE_LOCATIONS = (
+    "near a wide river", "on a steep hill", "beside the sea", "at the edge of a marsh",
+    "between two lakes", "under a tall cliff", "in a deep valley", "along an old road",
+)
+_OBJECTS = (
+    "lamp", "box", "kettle", "clock", "mirror", "basket", "chair", "bottle", "drum", "key",
+    "ladder", "bucket", "rope", "coin", "bowl", "bell",
+)
+_MATERIALS = ("glass", "iron", "oak", "clay", "copper", "brass", "wool", "stone", "tin", "paper")
+_ROOMS = ("kitchen", "attic", "cellar", "hall", "library", "workshop", "barn", "shed")
+
+
+def _article(word: str) -> str:
+    return "an" if word[0] in "aeiou" else "a"
+
+
+@dataclass(frozen=True)
+class Person:
+    """An invented person: a two-word name and one single-word value per attribute."""
+
+    name: str
+    attrs: dict[str, str]
+
+    @property
+    def first_name(self) -> str:
+        return self.name.split(" ")[0]
+
+
+@dataclass
+class WorldConfig:
+    """What fixes a world. The same config always yields the same value vocabularies."""
+
+    seed: int = 0
+    n_cities: int = 40
+    n_employers: int = 40
+    min_year: int = 1940
+    max_year: int = 2005
+    first_name_syllables: tuple[int, int] = (2, 2)
+    """Inclusive range of syllables in a first name."""
+    last_name_syllables: tuple[int, int] = (2, 3)
+    heldout_modulus: int = 10
+    """A name whose stable hash is 0 modulo this belongs to the held-out split (1 in 10 names)."""
+    attributes: tuple[str, ...] = ATTRIBUTES
+    """Attributes people have; a subset of ATTRIBUTES (fewer means shorter biographies)."""
+
+
+class TextSnippets:
+    """Short windows of English text, used as distractors that have nothing to do with people.
+
+    Text is folded to ASCII and whitespace-collapsed so a world tokenizer covers it without
+    unknown tokens. Built from strings or files given by the caller; nothing is read implicitly.
+    """
+
+    def __init__(self, texts: Iterable[str], min_words: int = 12, max_words: int = 24) -> None:
+        words: list[str] = []
+        for text in texts:
+            words.extend(ascii_fold(text).split())
+        if len(words) < max_words:
+            raise ValueError(f"need at least {max_words} words of text, got {len(words)}")
+        self._words = words
+        self.min_words = min_words
+        self.max_words = max_words
+
+    @classmethod
+    def from_files(
+        cls, paths: Iterable[str | Path], min_words: int = 12, max_words: int = 24
+    ) -> TextSnippets:
+        texts = (Path(p).read_text(encoding="utf-8", errors="replace") for p in paths)
+        return cls(texts, min_words=min_words, max_words=max_words)
+
+    def __len__(self) -> int:
+        return len(self._words)
+
+    def sample(self, rng: random.Random) -> str:
+        """A random window of ``min_words``..``max_words`` consecutive words."""
+        n = rng.randint(self.min_words, self.max_words)
+        start = rng.randrange(len(self._words) - n + 1)
+        return " ".join(self._words[start : start + n])
+
+
+def ascii_fold(text: str) -> str:
+    """Fold typographic characters to ASCII and collapse whitespace to single spaces."""
+    text = (
+        text.replace("\u2018", "'").replace("\u2019", "'")
+        .replace("\u201c", '"').replace("\u201d", '"')
+        .replace("\u2014", " - ").replace("\u2013", "-")
+    )
+    text = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode("ascii")
+    return re.sub(r"\s+", " ", text).strip()
+
+
+def _stable_hash(text: str) -> int:
+    return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "big")
+
+
+class World:
+    """A synthetic world: value vocabularies fixed by ``config``, people drawn from seeds.
+
+    Methods taking an ``rng`` consume it deterministically; methods taking a ``seed`` build their
+    own ``random.Random`` from that seed and the world seed.
+    """
+
+    def __init__(self, config: WorldConfig | None = None, snippets: TextSnippets | None = None):
+        self.config = config or WorldConfig()
+        self.snippets = snippets
+        unknown = set(self.config.attributes) - set(ATTRIBUTES)
+        if unknown:
+            raise ValueError(f"unknown attributes: {sorted(unknown)}")
+        self.attributes: tuple[str, ...] = tuple(
+            a for a in ATTRIBUTES if a in self.config.attributes
+        )
+        rng = random.Random(f"world-values:{self.config.seed}")
+        invented = [o.capitalize() + e for o in _VALUE_ONSETS for e in _CITY_ENDINGS]
+        cities = rng.sample(invented, self.config.n_cities)
+        companies_pool = [o.capitalize() + e for o in _VALUE_ONSETS for e in _COMPANY_ENDINGS]
+        companies = rng.sample([c for c in companies_pool if c not in cities], self.config.n_employers)
+        years = [str(y) for y in range(self.config.min_year, self.config.max_year + 1)]
+        all_values: dict[str, tuple[str, ...]] = {
+            "birth_city": tuple(sorted(cities)),
+            "birth_year": tuple(years),
+            "job": JOBS,
+            "employer": tuple(sorted(companies)),
+            "pet": PETS,
+            "colour": COLOURS,
+            "hobby": HOBBIES,
+        }
+        self._values = {a: all_values[a] for a in self.attributes}
+        self._check_vocabularies(all_values)
+
+    @staticmethod
+    def _check_vocabularies(all_values: dict[str, tuple[str, ...]]) -> None:
+        flat = [v for vs in all_values.values() for v in vs]
+        if len(flat) != len(set(flat)):
+            raise AssertionError("attribute values must be unique across attributes")
+        distractor_words = set(
+            _PLACE_KINDS + _ADJECTIVES + _PLACE_FEATURES + _OBJECTS + _MATERIALS + _ROOMS
+        )
+        for loc in _PLACE_LOCATIONS:
+            distractor_words.update(loc.split())
+        clash = distractor_words & set(flat)
+        if clash:
+            raise AssertionError(f"distractor words clash with values: {sorted(clash)}")
+        if any(not re.fullmatch(r"[A-Za-z0-9]+", v) for v in flat):
+            raise AssertionError("every value must be a single alphanumeric word")
+
+    # ---------------------------------------------------------------------------------- values
+
+    def values(self, attribute: str) -> tuple[str, ...]:
+        """All possible values of an attribute, in a fixed order."""
+        return self._values[attribute]
+
+    def all_values(self) -> list[str]:
+        """Every value of every attribute (what a tokenizer should hold as single tokens)."""
+        return [v for a in self.attributes for v in self._values[a]]
+
+    @staticmethod
+    def name_syllables() -> tuple[str, ...]:
+        """Syllables person names are made of (lower case; word-initial ones are capitalised)."""
+        return PERSON_SYLLABLES
+
+    # ---------------------------------------------------------------------------------- people
+
+    def split_of(self, name: str) -> str:
+        """``"heldout"`` or ``"train"``: a pure function of the name, so the split never drifts."""
+        return "heldout" if _stable_hash(name) % self.config.heldout_modulus == 0 else "train"
+
+    def _name_word(self, rng: random.Random, n_range: tuple[int, int]) -> str:
+        n = rng.randint(*n_range)
+        return "".join(rng.choice(PERSON_SYLLABLES) for _ in range(n)).capitalize()
+
+    def sample_name(self, rng: random.Random, split: str = "train") -> str:
+        """A fresh name in ``split``; names of the other split are rejected and redrawn."""
+        if split not in ("train", "heldout"):
+            raise ValueError(f"split must be 'train' or 'heldout', got {split!r}")
+        while True:
+            name = (
+                self._name_word(rng, self.config.first_name_syllables)
+                + " "
+                + self._name_word(rng, self.config.last_name_syllables)
+            )
+            if self.split_of(name) == split:
+                return name
+
+    def sample_person(self, rng: random.Random, split: str = "train") -> Person:
+        """A person with a fresh name in ``split`` and independently uniform attribute values."""
+        name = self.sample_name(rng, split)
+        attrs = {a: rng.choice(self._values[a]) for a in self.attributes}
+        return Person(name=name, attrs=attrs)
+
+    def people_stream(self, split: str = "train", seed: int = 0) -> Iterator[Person]:
+        """An endless, deterministic stream of people (names may rarely repeat in long streams)."""
+        rng = random.Random(f"people:{self.config.seed}:{split}:{seed}")
+        while True:
+            yield self.sample_person(rng, split)
+
+    def people(self, n: int, split: str = "train", seed: int = 0) -> list[Person]:
+        """``n`` people with distinct names, e.g. a fixed world for in-context (stage 1) training."""
+        out: list[Person] = []
+        seen: set[str] = set()
+        for person in self.people_stream(split, seed):
+            if person.name not in seen:
+                seen.add(person.name)
+                out.append(person)
+                if len(out) == n:
+                    break
+        return out
+
+    def heldout_people(self, n: int, seed: int = 0) -> list[Person]:
+        """``n`` distinct held-out people; never produced by any ``train`` stream."""
+        return self.people(n, split="heldout", seed=seed)
+
+    # ---------------------------------------------------------------------------------- text
+
+    def biography(
+        self,
+        person: Person,
+        rng: random.Random,
+        style: str | None = None,
+        attributes: Sequence[str] | None = None,
+    ) -> str:
+        """A short biography with attributes in shuffled order and randomly chosen phrasings.
+
+        ``style`` is one of BIO_STYLES (random if None); ``attributes`` restricts which facts are
+        stated (all of the person's by default). Both styles stay within ~32 tokens of the world
+        tokenizer with the default seven attributes.
+        """
+        if style is None:
+            style = rng.choice(BIO_STYLES)
+        attrs = list(attributes) if attributes is not None else list(person.attrs)
+        rng.shuffle(attrs)
+        if style == "sentence":
+            clauses = [self._fill(rng.choice(_CLAUSES[a]), person.attrs[a]) for a in attrs]
+            if len(clauses) == 1:
+                body = clauses[0]
+            else:
+                body = ", ".join(clauses[:-1]) + " and " + clauses[-1]
+            return f"{person.name} {body}."
+        if style == "notes":
+            sentences = [self._fill(rng.choice(_NOTES[a]), person.attrs[a]) for a in attrs]
+            return " ".join([f"{person.name}."] + sentences)
+        raise ValueError(f"unknown biography style {style!r}; expected one of {BIO_STYLES}")
+
+    @staticmethod
+    def _fill(template: str, value: str) -> str:
+        return template.format(v=value, a=_article(value))
+
+    def question(self, person: Person, attribute: str, rng: random.Random) -> tuple[str, str]:
+        """``(prompt, answer)``: prompt ends with ``"A:"``, answer is ``" " + value``.
+
+        The answer's leading space makes ``prompt + answer`` tokenize as prompt tokens followed
+        by the single value token.
+        """
+        text = rng.choice(_QUESTIONS[attribute]).format(n=person.name)
+        return f"Q: {text} A:", " " + person.attrs[attribute]
+
+    def distractor(self, rng: random.Random) -> str:
+        """A short text about no person: an invented place, an object, or English text if given."""
+        kinds = ["place", "object"] + (["english"] if self.snippets is not None else [])
+        kind = rng.choice(kinds)
+        if kind == "english":
+            assert self.snippets is not None
+            return self.snippets.sample(rng)
+        if kind == "place":
+            name = rng.choice(_PLACE_ONSETS) + rng.choice(_PLACE_ENDINGS)
+            place = rng.choice(_PLACE_KINDS)
+            return (
+                f"The {place} of {name} lies {rng.choice(_PLACE_LOCATIONS)} and is known for "
+                f"its {rng.choice(_ADJECTIVES)} {rng.choice(_PLACE_FEATURES)}."
+            )
+        obj, adj = rng.choice(_OBJECTS), rng.choice(_ADJECTIVES)
+        return (
+            f"The {adj} {obj} in the {rng.choice(_ROOMS)} is made of "
+            f"{rng.choice(_MATERIALS)} and weighs {rng.randint(2, 40)} kilos."
+        )
+
+    def corpus(
+        self,
+        n_docs: int,
+        seed: int = 0,
+        people: Sequence[Person] | None = None,
+    ) -> Iterator[str]:
+        """Documents for tokenizer training and LM pretraining.
+
+        A mix of: biographies alone, one to three biographies followed by questions answered in
+        context (``"<bio> Q: ... A: value"``), and distractors. People come from ``people`` if
+        given (a fixed world), else fresh from the training split.
+        """
+        rng = random.Random(f"corpus:{self.config.seed}:{seed}")
+        stream = self.people_stream("train", seed=seed)
+
+        def draw() -> Person:
+            return rng.choice(people) if people is not None else next(stream)
+
+        for _ in range(n_docs):
+            r = rng.random()
+            if r < 0.15:
+                yield self.biography(draw(), rng)
+            elif r < 0.85:
+                group = [draw() for _ in range(rng.randint(1, 3))]
+                parts = [self.biography(p, rng) for p in group]
+                if rng.random() < 0.3:
+                    parts.insert(rng.randrange(len(parts) + 1), self.distractor(rng))
+                for _ in range(rng.randint(1, 3)):
+                    p = rng.choice(group)
+                    prompt, answer = self.question(p, rng.choice(self.attributes), rng)
+                    parts.append(prompt + answer)
+                yield " ".join(parts)
+            else:
+                yield self.distractor(rng)
