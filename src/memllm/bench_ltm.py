@@ -1,8 +1,10 @@
 """Benchmark: dense-scan vs index retrieval over a large M+ long-term memory (one layer).
 
 Synthetic data (see :func:`synthetic_keys_queries`): keys are drawn from a mixture of
-``num_clusters`` Gaussian clusters ("topics"); a query (T rows) is about a few topics, each row
-being a topic centre plus noise. Why: retrieval keys of a trained selector are not isotropic —
+M / ``keys_per_cluster`` Gaussian clusters ("documents", 512 keys each by default); a query
+(T rows) is about ``query_topics`` = 8 of them, each row being a topic centre plus noise, so
+about 4096 keys are relevant at every LTM size and the exact top R = 2560 is decided by the
+within-cluster noise. Why: retrieval keys of a trained selector are not isotropic —
 memories of one document/topic share directions and a question targets a few of them. With
 isotropic Gaussian keys in 256 dimensions every key is almost equidistant from every query, the
 top-R set is decided by noise and no partition-based index can find it without visiting most of
@@ -30,10 +32,10 @@ from memllm.ltm import LongTermMemory, LTMConfig, LTMIndex, LTMLayer
 class SyntheticSpec:
     """Parameters of the clustered key/query distribution (see module docstring)."""
 
-    num_clusters: int = 1024
+    keys_per_cluster: int = 512
     centre_norm: float = 3.0  # |centre|; same-topic logits ≈ centre_norm²
     noise_norm: float = 1.5  # expected |key - centre|
-    query_topics: int = 4  # topics one query (T rows) is about
+    query_topics: int = 8  # topics one query (T rows) is about
     query_noise_norm: float = 1.5
 
 
@@ -42,9 +44,10 @@ def synthetic_keys_queries(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Keys [m, dim] from a Gaussian-cluster mixture and queries [t, dim] about a few clusters."""
     g = torch.Generator().manual_seed(seed)
-    centres = torch.randn(spec.num_clusters, dim, generator=g)
+    num_clusters = max(1, m // spec.keys_per_cluster)
+    centres = torch.randn(num_clusters, dim, generator=g)
     centres *= spec.centre_norm / centres.norm(dim=1, keepdim=True)
-    labels = torch.randint(0, spec.num_clusters, (m,), generator=g)
+    labels = torch.randint(0, num_clusters, (m,), generator=g)
     keys = torch.empty(m, dim)
     sigma = spec.noise_norm / dim**0.5
     step = 1 << 18
@@ -52,7 +55,7 @@ def synthetic_keys_queries(
         b = min(a + step, m)
         torch.randn(b - a, dim, generator=g, out=keys[a:b])
         keys[a:b].mul_(sigma).add_(centres[labels[a:b]])
-    topics = torch.randint(0, spec.num_clusters, (spec.query_topics,), generator=g)
+    topics = torch.randperm(num_clusters, generator=g)[: spec.query_topics]
     q_topic = topics[torch.randint(0, spec.query_topics, (t,), generator=g)]
     queries = centres[q_topic] + torch.randn(t, dim, generator=g) * (spec.query_noise_norm / dim**0.5)
     return keys, queries

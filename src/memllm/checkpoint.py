@@ -120,9 +120,10 @@ def load(
     if dtype is None:
         dtype = getattr(torch, str(raw.get("torch_dtype") or raw.get("dtype") or "float32"))
 
-    hf_logger = logging.getLogger("transformers.modeling_utils")
-    level = hf_logger.level
-    hf_logger.setLevel(logging.ERROR)  # the memory keys are "unexpected" to transformers; we take them below
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # the memory keys are "unexpected" to transformers; we take them below
     try:
         lm, info = AutoModelForCausalLM.from_pretrained(
             path, config=hf_config, dtype=dtype, device_map=device_map,
@@ -131,7 +132,7 @@ def load(
     except (OSError, SafetensorError, RuntimeError) as e:
         raise CheckpointError(f"could not load the base weights from {path} ({e})") from e
     finally:
-        hf_logger.setLevel(level)
+        hf_logging.set_verbosity(verbosity)
     if info["missing_keys"]:
         raise CheckpointError(f"checkpoint {path} lacks base weights: {sorted(info['missing_keys'])[:8]}")
     if info.get("mismatched_keys"):

@@ -221,7 +221,7 @@ class LTMIndex:
         nlist: int | None = None,
         nprobe: int = 32,
         per_row_probe: int = 2,
-        min_candidates: int = 8 * 2560,
+        min_candidates: int = 4 * 2560,
         train_points_per_list: int = 40,
         niter: int = 10,
         seed: int = 0,

@@ -110,8 +110,10 @@ class MemoryModel(nn.Module):
         )
         inject_adapter_in_model(lora, self.lm, adapter_name=ENCODER_ADAPTER)
         if self.config.add_decoder_lora:
-            inject_adapter_in_model(lora, self.lm, adapter_name=DECODER_ADAPTER)
-        self._active_adapter = ENCODER_ADAPTER
+            with warnings.catch_warnings():  # a second adapter on the same model is what we want
+                warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+                inject_adapter_in_model(lora, self.lm, adapter_name=DECODER_ADAPTER)
+        self._set_adapter(ENCODER_ADAPTER)  # peft leaves the last injected one active
 
     @contextmanager
     def adapter(self, role: str) -> Iterator[None]:

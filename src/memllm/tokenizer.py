@@ -2,11 +2,14 @@
 
 Why this design: a Unigram model over space-marked words (``"▁Velmora"``), with punctuation split
 off first. Unigram picks the segmentation with the highest total log-probability, so we give every
-attribute value and every name syllable the highest score in the vocabulary. All scores are
-negative, so any split into m pieces scores at most m times the top score, which guarantees:
+attribute value, every word of the world's templates and every name syllable the highest score in
+the vocabulary. All scores are negative, so any split into m pieces scores at most m times the top
+score, which guarantees:
 
-* every attribute value, written with a leading space, is exactly one token;
-* a name word of n syllables is at most n tokens.
+* every attribute value and template word, after a space, is exactly one token;
+* a name word of n syllables is at most n tokens;
+
+hence ``World.token_bound`` bounds the length of every biography and question.
 
 The pieces themselves come from a BPE trainer (the ``tokenizers`` Unigram trainer gave poor pieces
 on this corpus, e.g. ``"▁", "w", "a", "s"`` for " was"); they are scored by hard-EM counts of their
@@ -66,8 +69,9 @@ def _pipeline(model: models.Model) -> Tokenizer:
 
 
 def required_pieces(world: World) -> list[str]:
-    """Pieces held at top score: values, and name syllables (word-initial and word-internal)."""
+    """Pieces held at top score: values, template words, and name syllables (initial/internal)."""
     pieces = [WORD_MARK + v for v in world.all_values()]
+    pieces += [WORD_MARK + w for w in world.template_words()]
     for syl in world.name_syllables():
         pieces.append(WORD_MARK + syl.capitalize())
         pieces.append(syl)

@@ -84,28 +84,19 @@ ATTRIBUTES: tuple[str, ...] = (
 )
 """Every attribute a person has, in a fixed canonical order."""
 
-BIO_STYLES: tuple[str, ...] = ("sentence", "notes")
-"""``sentence``: one sentence of clauses; ``notes``: several terse sentences."""
+BIO_STYLES: tuple[str, ...] = ("list", "notes")
+"""``list``: ``"Name: c1, c2, ... ."``, one sentence; ``notes``: ``"Name. C1. C2. ..."``."""
 
-# Clause phrasings for the one-sentence biography; "{v}" is the value, "{a}" its article (a/an).
+# Clause phrasings per attribute; "{v}" is the value and "{a}" its article (a/an). Clauses never
+# start with the value, so capitalising a clause (notes style) never changes a value's spelling.
 _CLAUSES: dict[str, tuple[str, ...]] = {
-    "birth_city": ("was born in {v}", "is a native of {v}", "hails from {v}"),
-    "birth_year": ("was born in {v}", "was born in the year {v}", "arrived in {v}"),
-    "job": ("works as {a} {v}", "is {a} {v} by trade", "earns a living as {a} {v}"),
-    "employer": ("works at {v}", "is employed by {v}", "has a job at {v}"),
-    "pet": ("owns {a} {v}", "has a pet {v}", "keeps {a} {v}"),
-    "colour": ("loves the colour {v}", "likes {v} best", "favours {v}"),
-    "hobby": ("enjoys {v}", "has {v} as a hobby", "spends weekends on {v}"),
-}
-# Terse sentences for the "notes" biography.
-_NOTES: dict[str, tuple[str, ...]] = {
-    "birth_city": ("Born in {v}.", "Native of {v}.", "From {v}."),
-    "birth_year": ("Born in {v}.", "Birth year {v}.", "Year of birth {v}."),
-    "job": ("Works as {a} {v}.", "Job: {v}.", "Is {a} {v}."),
-    "employer": ("Works at {v}.", "Employer: {v}.", "Employed by {v}."),
-    "pet": ("Owns {a} {v}.", "Pet: {v}.", "Keeps {a} {v}."),
-    "colour": ("Favourite colour {v}.", "Colour: {v}.", "Likes {v} best."),
-    "hobby": ("Enjoys {v}.", "Hobby: {v}.", "Spends weekends on {v}."),
+    "birth_city": ("from {v}", "born in {v}", "native of {v}"),
+    "birth_year": ("born {v}", "born in {v}", "born in the year {v}"),
+    "job": ("{a} {v}", "works as {a} {v}", "{a} {v} by trade"),
+    "employer": ("at {v}", "works at {v}", "employed by {v}"),
+    "pet": ("pet {v}", "owns {a} {v}", "keeps {a} {v}", "has a pet {v}"),
+    "colour": ("likes {v}", "likes {v} best", "favourite colour {v}", "loves the colour {v}"),
+    "hobby": ("enjoys {v}", "hobby {v}", "spends weekends on {v}", "has {v} as a hobby"),
 }
 _QUESTIONS: dict[str, tuple[str, ...]] = {
     "birth_city": (
@@ -185,6 +176,8 @@ class WorldConfig:
     """A name whose stable hash is 0 modulo this belongs to the held-out split (1 in 10 names)."""
     attributes: tuple[str, ...] = ATTRIBUTES
     """Attributes people have; a subset of ATTRIBUTES (fewer means shorter biographies)."""
+    bio_max_tokens: int = 31
+    """Token budget of a biography, special tokens excluded (31 + <bos> = 32 = K)."""
 
 
 class TextSnippets:
@@ -232,6 +225,19 @@ def ascii_fold(text: str) -> str:
     return re.sub(r"\s+", " ", text).strip()
 
 
+def _min_syllables(word: str) -> int | None:
+    """Fewest person-name syllables spelling ``word`` (lower case), or None if none do."""
+    best: list[int | None] = [0] + [None] * len(word)  # best[i]: fewest syllables for word[:i]
+    for i in range(len(word)):
+        if best[i] is None:
+            continue
+        for syl in PERSON_SYLLABLES:
+            j = i + len(syl)
+            if word.startswith(syl, i) and (best[j] is None or best[i] + 1 < best[j]):
+                best[j] = best[i] + 1
+    return best[-1]
+
+
 def _stable_hash(text: str) -> int:
     return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "big")
 
@@ -268,6 +274,10 @@ class World:
             "hobby": HOBBIES,
         }
         self._values = {a: all_values[a] for a in self.attributes}
+        # Values are single tokens, so a clause costs the same whatever its value.
+        self._clause_costs = {
+            a: tuple(self.token_bound(self._fill(t, "x")) for t in _CLAUSES[a]) for a in ATTRIBUTES
+        }
         self._check_vocabularies(all_values)
 
     @staticmethod
@@ -360,32 +370,66 @@ class World:
         rng: random.Random,
         style: str | None = None,
         attributes: Sequence[str] | None = None,
+        max_tokens: int | None = None,
     ) -> str:
-        """A short biography with attributes in shuffled order and randomly chosen phrasings.
+        """A short biography: facts in shuffled order, each in a randomly chosen phrasing.
 
         ``style`` is one of BIO_STYLES (random if None); ``attributes`` restricts which facts are
-        stated (all of the person's by default). Both styles stay within ~32 tokens of the world
-        tokenizer with the default seven attributes.
+        stated (all of the person's by default). Phrasings are drawn so that the biography fits
+        ``max_tokens`` (default ``config.bio_max_tokens``) as counted by ``token_bound``: a memory
+        writing K vectors per injection keeps only the last K tokens, so longer bios lose facts.
         """
         if style is None:
             style = rng.choice(BIO_STYLES)
+        if style not in BIO_STYLES:
+            raise ValueError(f"unknown biography style {style!r}; expected one of {BIO_STYLES}")
+        budget = self.config.bio_max_tokens if max_tokens is None else max_tokens
         attrs = list(attributes) if attributes is not None else list(person.attrs)
         rng.shuffle(attrs)
-        if style == "sentence":
-            clauses = [self._fill(rng.choice(_CLAUSES[a]), person.attrs[a]) for a in attrs]
-            if len(clauses) == 1:
-                body = clauses[0]
-            else:
-                body = ", ".join(clauses[:-1]) + " and " + clauses[-1]
-            return f"{person.name} {body}."
-        if style == "notes":
-            sentences = [self._fill(rng.choice(_NOTES[a]), person.attrs[a]) for a in attrs]
-            return " ".join([f"{person.name}."] + sentences)
-        raise ValueError(f"unknown biography style {style!r}; expected one of {BIO_STYLES}")
+        # The name, then one separator after it and after each clause; the rest is for clauses.
+        left = budget - self.token_bound(person.name) - len(attrs) - 1
+        costs = [self._clause_costs[a] for a in attrs]
+        if left < sum(min(c) for c in costs):
+            raise ValueError(f"{len(attrs)} facts about {person.name!r} cannot fit {budget} tokens")
+        clauses: list[str] = []
+        for i, a in enumerate(attrs):
+            reserve = sum(min(c) for c in costs[i + 1 :])
+            fitting = [k for k, c in enumerate(costs[i]) if c <= left - reserve]
+            k = rng.choice(fitting)
+            left -= costs[i][k]
+            clauses.append(self._fill(_CLAUSES[a][k], person.attrs[a]))
+        if style == "list":
+            return f"{person.name}: " + ", ".join(clauses) + "."
+        return " ".join([f"{person.name}."] + [c[0].upper() + c[1:] + "." for c in clauses])
 
     @staticmethod
     def _fill(template: str, value: str) -> str:
         return template.format(v=value, a=_article(value))
+
+    @staticmethod
+    def token_bound(text: str) -> int:
+        """Tokens ``text`` takes with a world tokenizer, at most (exact for this module's text).
+
+        Each punctuation mark counts one, each person-name word its fewest syllables, any other
+        word one: the world tokenizer holds values, template words and syllables as pieces.
+        """
+        total = 0
+        for word in re.findall(r"[A-Za-z0-9]+|[^A-Za-z0-9\s]", text):
+            syllables = _min_syllables(word.lower()) if word[0].isupper() else None
+            total += syllables if syllables is not None and syllables > 1 else 1
+        return total
+
+    @staticmethod
+    def template_words() -> list[str]:
+        """Every word of the biography and question templates, as spelled in generated text."""
+        words: set[str] = {"a", "an", "Q", "A", "An"}
+        for templates in list(_CLAUSES.values()) + list(_QUESTIONS.values()):
+            for template in templates:
+                plain = re.sub(r"\{[a-z]\}", " ", template)
+                for word in re.findall(r"[A-Za-z]+", plain):
+                    words.update((word, word[0].upper() + word[1:]))
+        words.discard("s")  # the possessive "'s" is split into "'" and "s"
+        return sorted(words)
 
     def question(self, person: Person, attribute: str, rng: random.Random) -> tuple[str, str]:
         """``(prompt, answer)``: prompt ends with ``"A:"``, answer is ``" " + value``.

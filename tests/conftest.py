@@ -1,0 +1,72 @@
+"""Shared test fixtures: the golden vectors (MEMLLM_GOLDEN_DIR or tests/golden) and tiny random models."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+torch.set_num_threads(2)
+
+GOLDEN_DIR = Path(os.environ.get("MEMLLM_GOLDEN_DIR") or Path(__file__).parent / "golden")
+
+
+@dataclass
+class Golden:
+    """One family of recorded vectors: golden.json, the recorded tensors and the checkpoint path."""
+
+    name: str
+    path: Path
+    meta: dict
+    tensors: dict[str, torch.Tensor]
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.path / "checkpoint"
+
+    @property
+    def kind(self) -> str:
+        return self.meta["config_summary"]["kind"]
+
+    def ids(self, name: str) -> torch.Tensor:
+        return torch.tensor(self.meta["inputs"][name])
+
+    def tol(self, category: str) -> dict:
+        t = self.meta["tolerances"][category]
+        return {"atol": t["atol"], "rtol": t["rtol"]}
+
+    def assert_close(self, name: str, actual: torch.Tensor, category: str) -> None:
+        expected = self.tensors[name]
+        assert tuple(actual.shape) == tuple(expected.shape), f"{self.name}:{name} shape {tuple(actual.shape)}"
+        diff = (actual.detach().float() - expected.float()).abs().max().item()
+        assert torch.allclose(actual.detach().float(), expected.float(), **self.tol(category)), (
+            f"{self.name}:{name} differs by {diff:.3g} (tolerance {self.tol(category)})"
+        )
+
+
+def golden_families(kind: str) -> list[str]:
+    if not GOLDEN_DIR.is_dir():
+        return []
+    names = []
+    for d in sorted(GOLDEN_DIR.iterdir()):
+        meta = d / "golden.json"
+        if meta.is_file() and json.loads(meta.read_text())["config_summary"]["kind"] == kind:
+            names.append(d.name)
+    return names
+
+
+@lru_cache(maxsize=None)
+def load_golden(name: str) -> Golden:
+    path = GOLDEN_DIR / name
+    return Golden(name, path, json.loads((path / "golden.json").read_text()), load_file(path / "tensors.safetensors"))
+
+
+@pytest.fixture
+def tmp_memory_dir(tmp_path: Path) -> Path:
+    return tmp_path
