@@ -202,7 +202,7 @@ class LTMIndex:
     """Approximate candidate generator over one layer's LTM keys, backed by a faiss IVF.
 
     Why not a plain ANN search: the retrieval score ``mean_t sigmoid(q_t · k)`` is not an inner
-    product. We therefore use faiss k-means to *partition* the keys (IVF lists, inner-product
+    product. We therefore use faiss k-means to *partition* the keys (IVF lists, L2
     assignment) and choose which partitions to visit; every key of a visited partition is then
     scored exactly, so the returned scores are the true ones and recall is controlled by how
     many keys are visited. Partitions are chosen as the union of (a) the centroids with the
@@ -269,12 +269,17 @@ class LTMIndex:
         return self
 
     def _nearest(self, keys: Tensor) -> np.ndarray:
-        """Inner-product-nearest centroid of every key [n, s] → [n] int64."""
+        """L2-nearest centroid (as k-means trained) of every key [n, s] → [n] int64.
+
+        argmin |k - c|² = argmax (k·c - |c|²/2); a plain inner-product assignment would pull
+        keys towards large-norm centroids and scatter clusters over unrelated lists.
+        """
         out = np.empty(keys.shape[0], dtype=np.int64)
         ct = self.centroids.t().contiguous()  # [s, nlist]
+        half_norm = 0.5 * (self.centroids**2).sum(dim=1)  # [nlist]
         for a in range(0, keys.shape[0], _SCAN_CHUNK):
             b = min(a + _SCAN_CHUNK, keys.shape[0])
-            out[a:b] = (keys[a:b].to(torch.float32) @ ct).argmax(dim=1).numpy()
+            out[a:b] = (keys[a:b].to(torch.float32) @ ct - half_norm).argmax(dim=1).numpy()
         return out
 
     def _rebuild_lists(self) -> None:

@@ -225,17 +225,45 @@ def ascii_fold(text: str) -> str:
     return re.sub(r"\s+", " ", text).strip()
 
 
+_SYLLABLES_BY_INITIAL: dict[str, tuple[str, ...]] = {
+    c: tuple(syl for syl in PERSON_SYLLABLES if syl[0] == c) for c in {s[0] for s in PERSON_SYLLABLES}
+}
+
+
 def _min_syllables(word: str) -> int | None:
     """Fewest person-name syllables spelling ``word`` (lower case), or None if none do."""
     best: list[int | None] = [0] + [None] * len(word)  # best[i]: fewest syllables for word[:i]
     for i in range(len(word)):
-        if best[i] is None:
+        here = best[i]
+        if here is None:
             continue
-        for syl in PERSON_SYLLABLES:
+        for syl in _SYLLABLES_BY_INITIAL.get(word[i], ()):
             j = i + len(syl)
-            if word.startswith(syl, i) and (best[j] is None or best[i] + 1 < best[j]):
-                best[j] = best[i] + 1
+            if word.startswith(syl, i) and (best[j] is None or here + 1 < best[j]):  # type: ignore[operator]
+                best[j] = here + 1
     return best[-1]
+
+
+def _count_within(costs: Sequence[tuple[int, ...]], budget: int) -> list[list[int]]:
+    """``ways[i][b]``: combinations of one option per slot i.. whose costs sum to at most b."""
+    ways = [[0] * (budget + 1) for _ in costs] + [[1] * (budget + 1)]
+    for i in reversed(range(len(costs))):
+        for b in range(budget + 1):
+            ways[i][b] = sum(ways[i + 1][b - c] for c in costs[i] if c <= b)
+    return ways
+
+
+def _sample_within(
+    rng: random.Random, costs: Sequence[tuple[int, ...]], budget: int, ways: list[list[int]]
+) -> list[int]:
+    """One option index per slot, uniform over all combinations costing at most ``budget``."""
+    choice: list[int] = []
+    for i, slot in enumerate(costs):
+        weights = [ways[i + 1][budget - c] if c <= budget else 0 for c in slot]
+        k = rng.choices(range(len(slot)), weights=weights)[0]
+        budget -= slot[k]
+        choice.append(k)
+    return choice
 
 
 def _stable_hash(text: str) -> int:
@@ -278,6 +306,7 @@ class World:
         self._clause_costs = {
             a: tuple(self.token_bound(self._fill(t, "x")) for t in _CLAUSES[a]) for a in ATTRIBUTES
         }
+        self._fit_counts: dict[tuple[tuple[str, ...], int], list[list[int]]] = {}
         self._check_vocabularies(all_values)
 
     @staticmethod
@@ -384,20 +413,20 @@ class World:
         if style not in BIO_STYLES:
             raise ValueError(f"unknown biography style {style!r}; expected one of {BIO_STYLES}")
         budget = self.config.bio_max_tokens if max_tokens is None else max_tokens
-        attrs = list(attributes) if attributes is not None else list(person.attrs)
-        rng.shuffle(attrs)
+        wanted = set(person.attrs if attributes is None else attributes)
+        attrs = tuple(a for a in ATTRIBUTES if a in wanted)
         # The name, then one separator after it and after each clause; the rest is for clauses.
+        # Phrasings are uniform over all combinations that fit, so none is tied to a position.
         left = budget - self.token_bound(person.name) - len(attrs) - 1
         costs = [self._clause_costs[a] for a in attrs]
-        if left < sum(min(c) for c in costs):
+        ways = self._fit_counts.get((attrs, left)) if left >= 0 else None
+        if ways is None and left >= 0:
+            ways = self._fit_counts[(attrs, left)] = _count_within(costs, left)
+        if ways is None or ways[0][left] == 0:
             raise ValueError(f"{len(attrs)} facts about {person.name!r} cannot fit {budget} tokens")
-        clauses: list[str] = []
-        for i, a in enumerate(attrs):
-            reserve = sum(min(c) for c in costs[i + 1 :])
-            fitting = [k for k, c in enumerate(costs[i]) if c <= left - reserve]
-            k = rng.choice(fitting)
-            left -= costs[i][k]
-            clauses.append(self._fill(_CLAUSES[a][k], person.attrs[a]))
+        choice = _sample_within(rng, costs, left, ways)
+        clauses = [self._fill(_CLAUSES[a][k], person.attrs[a]) for a, k in zip(attrs, choice)]
+        rng.shuffle(clauses)
         if style == "list":
             return f"{person.name}: " + ", ".join(clauses) + "."
         return " ".join([f"{person.name}."] + [c[0].upper() + c[1:] + "." for c in clauses])
