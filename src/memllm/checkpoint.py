@@ -122,8 +122,9 @@ def load(
 
     from transformers.utils import logging as hf_logging
 
-    verbosity = hf_logging.get_verbosity()
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()  # the memory keys are "unexpected" to transformers; we take them below
+    hf_logging.disable_progress_bar()
     try:
         lm, info = AutoModelForCausalLM.from_pretrained(
             path, config=hf_config, dtype=dtype, device_map=device_map,
@@ -133,6 +134,8 @@ def load(
         raise CheckpointError(f"could not load the base weights from {path} ({e})") from e
     finally:
         hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
     if info["missing_keys"]:
         raise CheckpointError(f"checkpoint {path} lacks base weights: {sorted(info['missing_keys'])[:8]}")
     if info.get("mismatched_keys"):

@@ -11,9 +11,9 @@ score, which guarantees:
 
 hence ``World.token_bound`` bounds the length of every biography and question.
 
-The pieces themselves come from a BPE trainer (the ``tokenizers`` Unigram trainer gave poor pieces
-on this corpus, e.g. ``"▁", "w", "a", "s"`` for " was"); they are scored by hard-EM counts of their
-use in the corpus, and the least used are pruned to reach ``vocab_size`` exactly.
+The pieces themselves come from a BPE trainer (the ``tokenizers`` Unigram trainer gave poor
+pieces on this corpus, e.g. ``"▁", "w", "a", "s"`` for " was"); they are scored by hard-EM counts
+of their use in the corpus, and the least used are pruned to reach ``vocab_size`` exactly.
 
 Decoding is exact for text with single spaces (the normalizer collapses other whitespace).
 """
@@ -45,10 +45,10 @@ SPECIAL_TOKENS: tuple[str, ...] = (PAD, UNK, BOS, EOS)
 """Special tokens; ids 0..3 in this order."""
 WORD_MARK = "\u2581"
 """Marks the start of a word inside pieces, as in SentencePiece."""
-_ALPHABET: tuple[str, ...] = tuple(
-    string.ascii_letters + string.digits + string.punctuation
-) + tuple(WORD_MARK + c for c in string.ascii_letters + string.digits + string.punctuation) + (
-    WORD_MARK,
+_ALPHABET: tuple[str, ...] = (
+    tuple(string.ascii_letters + string.digits + string.punctuation)
+    + tuple(WORD_MARK + c for c in string.ascii_letters + string.digits)
+    + (WORD_MARK,)
 )
 """Pieces always kept, so any printable ASCII text encodes without <unk>."""
 
@@ -83,8 +83,9 @@ def _unigram(scores: dict[str, float], forced: list[str]) -> models.Unigram:
     top = max(scores.values())
     if top >= 0:
         raise AssertionError("scores are log-probabilities and must be negative")
+    held = set(forced)
     vocab = [(s, 0.0) for s in SPECIAL_TOKENS]
-    vocab += [(p, top if p in forced else sc) for p, sc in scores.items() if p not in forced]
+    vocab += [(p, sc) for p, sc in scores.items() if p not in held]
     vocab += [(p, top) for p in forced]
     return models.Unigram(vocab, unk_id=SPECIAL_TOKENS.index(UNK), byte_fallback=False)
 

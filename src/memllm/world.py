@@ -19,7 +19,7 @@ import random
 import re
 import unicodedata
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 __all__ = [
@@ -226,7 +226,8 @@ def ascii_fold(text: str) -> str:
 
 
 _SYLLABLES_BY_INITIAL: dict[str, tuple[str, ...]] = {
-    c: tuple(syl for syl in PERSON_SYLLABLES if syl[0] == c) for c in {s[0] for s in PERSON_SYLLABLES}
+    c: tuple(syl for syl in PERSON_SYLLABLES if syl[0] == c)
+    for c in sorted({syl[0] for syl in PERSON_SYLLABLES})
 }
 
 
@@ -238,9 +239,11 @@ def _min_syllables(word: str) -> int | None:
         if here is None:
             continue
         for syl in _SYLLABLES_BY_INITIAL.get(word[i], ()):
-            j = i + len(syl)
-            if word.startswith(syl, i) and (best[j] is None or here + 1 < best[j]):  # type: ignore[operator]
-                best[j] = here + 1
+            if word.startswith(syl, i):
+                j = i + len(syl)
+                there = best[j]
+                if there is None or here + 1 < there:
+                    best[j] = here + 1
     return best[-1]
 
 
@@ -287,10 +290,11 @@ class World:
             a for a in ATTRIBUTES if a in self.config.attributes
         )
         rng = random.Random(f"world-values:{self.config.seed}")
-        invented = [o.capitalize() + e for o in _VALUE_ONSETS for e in _CITY_ENDINGS]
-        cities = rng.sample(invented, self.config.n_cities)
-        companies_pool = [o.capitalize() + e for o in _VALUE_ONSETS for e in _COMPANY_ENDINGS]
-        companies = rng.sample([c for c in companies_pool if c not in cities], self.config.n_employers)
+        city_pool = [o.capitalize() + e for o in _VALUE_ONSETS for e in _CITY_ENDINGS]
+        cities = rng.sample(city_pool, self.config.n_cities)
+        company_pool = [o.capitalize() + e for o in _VALUE_ONSETS for e in _COMPANY_ENDINGS]
+        company_pool = [c for c in company_pool if c not in cities]
+        companies = rng.sample(company_pool, self.config.n_employers)
         years = [str(y) for y in range(self.config.min_year, self.config.max_year + 1)]
         all_values: dict[str, tuple[str, ...]] = {
             "birth_city": tuple(sorted(cities)),
@@ -376,7 +380,7 @@ class World:
             yield self.sample_person(rng, split)
 
     def people(self, n: int, split: str = "train", seed: int = 0) -> list[Person]:
-        """``n`` people with distinct names, e.g. a fixed world for in-context (stage 1) training."""
+        """``n`` people with distinct names, e.g. a fixed world for stage-1 in-context training."""
         out: list[Person] = []
         seen: set[str] = set()
         for person in self.people_stream(split, seed):

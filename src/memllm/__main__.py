@@ -1,0 +1,3 @@
+from memllm.cli import main
+
+main()

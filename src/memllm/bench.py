@@ -1,0 +1,293 @@
+"""Benchmark: reading from and writing into memory on the configuration the authors' code was timed on.
+
+A random-weight Llama (hidden 512, 8 layers, 8 heads / 4 key-value heads, intermediate 1408,
+vocabulary 32,000), K = 256, N = 2,048 memory vectors per layer (num_blocks 8), float32, sdpa
+attention, 2 torch threads. Measured, as medians over ``repeats`` runs after one warm-up run:
+
+- time to first token (TTFT) of a 64-token prompt: one ``generate(max_new_tokens=1)``, i.e. the
+  prefill forward that returns the next-token logits, with the memory prefix reused (computed once
+  per memory state and cached, as in a session) and recomputed (cache dropped before the call, as
+  for the first question after an update); ``ttft_speedup_reused_prefix`` = recomputed / reused;
+- 32 greedy tokens from that prompt, end to end through ``MemoryModel.generate`` (no EOS stop),
+  prefix cached (``generate_32_s``) and recomputed (``generate_32_recomputed_s``);
+- injecting a 512-token context, delta memory + update, one injection (``inject_512_s``).
+
+The authors' medians for the same two measurements on this machine class (given to us, not
+re-measured here: their code does not run on transformers 5) are printed side by side.
+
+Run ``python -m memllm.bench``; the last printed line is one JSON object with every number.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+
+import torch
+
+# The authors' code's medians on this machine class (2 threads, same config), as given to us.
+AUTHORS_REFERENCE_S = {"generate_32_s": 1.91, "inject_512_s": 0.61}
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """Model and workload sizes (defaults: the configuration the authors' code was timed on)."""
+
+    hidden_size: int = 512
+    num_layers: int = 8
+    num_heads: int = 8
+    num_kv_heads: int = 4
+    intermediate_size: int = 1408
+    vocab_size: int = 32000
+    num_tokens: int = 256  # K
+    num_blocks: int = 8  # N = num_blocks * K = 2,048 memory vectors per layer
+    prompt_tokens: int = 64
+    new_tokens: int = 32
+    context_tokens: int = 512
+
+    @property
+    def memory_tokens(self) -> int:
+        return self.num_blocks * self.num_tokens
+
+
+def build_model(cfg: BenchConfig, seed: int = 0):
+    """A random-weight (seeded) float32 memory model with an initialised memory prefix."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from memllm.checkpoint import initialize_memory_parameters
+    from memllm.config import MemoryConfig
+    from memllm.model import MemoryModel
+
+    hf = LlamaConfig(
+        hidden_size=cfg.hidden_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.num_kv_heads,
+        intermediate_size=cfg.intermediate_size,
+        vocab_size=cfg.vocab_size,
+        # room for [bos ; memory] + prompt + answer, or for an injection behind the K-row prefix
+        max_position_embeddings=max(4096, cfg.memory_tokens + 1 + cfg.prompt_tokens + cfg.new_tokens,
+                                    cfg.num_tokens + 1 + cfg.context_tokens),
+        attn_implementation="sdpa",
+        dtype=torch.float32,
+    )
+    torch.manual_seed(seed)
+    lm = LlamaForCausalLM(hf).to(torch.float32).eval()
+    lm.generation_config.eos_token_id = None  # always generate the requested number of tokens
+    lm.generation_config.pad_token_id = 0
+    model = MemoryModel(lm, MemoryConfig(num_tokens=cfg.num_tokens, num_blocks=cfg.num_blocks))
+    initialize_memory_parameters(model, seed)
+    model.initialized = True  # the random pool is a real prefix, as after the first injection
+    return model.eval()
+
+
+def _median_s(fn: Callable[[], object], repeats: int, setup: Callable[[], object] | None = None) -> float:
+    """Median wall time (s) of fn over `repeats` runs after one warm-up; `setup` runs untimed before each."""
+    times = []
+    for i in range(repeats + 1):
+        if setup is not None:
+            setup()
+        t0 = time.perf_counter()
+        fn()
+        elapsed = time.perf_counter() - t0
+        if i:  # run 0 is the warm-up
+            times.append(elapsed)
+    times.sort()
+    n = len(times)
+    return times[n // 2] if n % 2 else (times[n // 2 - 1] + times[n // 2]) / 2
+
+
+def run_bench(
+    repeats: int = 5,
+    threads: int = 2,
+    seed: int = 0,
+    config: BenchConfig | None = None,
+    authors_repo: str | None = None,
+    **sizes: int,
+) -> dict:
+    """Run the benchmark and return every number (seconds) with the configuration and versions.
+
+    Sizes can be overridden by keyword (any `BenchConfig` field, e.g. ``hidden_size=64``) or with a
+    whole `config`. ``authors_repo`` is not supported (see the module docstring): passing one raises.
+    """
+    if authors_repo is not None:
+        raise NotImplementedError(
+            "timing the authors' code side by side is not supported: it needs transformers 4.x; "
+            "their medians for this configuration are in AUTHORS_REFERENCE_S"
+        )
+    cfg = config or BenchConfig()
+    if sizes:
+        cfg = BenchConfig(**{**asdict(cfg), **sizes})
+    if repeats < 1:
+        raise ValueError("repeats must be at least 1")
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return _run(cfg, repeats, seed)
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def _run(cfg: BenchConfig, repeats: int, seed: int) -> dict:
+    t0 = time.perf_counter()
+    model = build_model(cfg, seed)
+    build_s = time.perf_counter() - t0
+    g = torch.Generator().manual_seed(seed + 1)
+    prompt = torch.randint(0, cfg.vocab_size, (1, cfg.prompt_tokens), generator=g)
+    context = torch.randint(0, cfg.vocab_size, (cfg.context_tokens,), generator=g)
+    memory = model.new_memory()
+
+    def generate(n: int):
+        out = model.generate(memory, prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+        assert out.shape[1] == cfg.prompt_tokens + n, out.shape
+        return out
+
+    def cached() -> None:
+        model.memory_prefix(memory)  # no-op when the prefix of this memory state is cached
+
+    # (a) time to first token: the prefill forward of generate's first step
+    ttft_reused = _median_s(lambda: generate(1), repeats, setup=cached)
+    ttft_recomputed = _median_s(lambda: generate(1), repeats, setup=model.clear_prefix_cache)
+    # the prefix alone: [bos ; memory] through every layer's norm, k/v projections and RoPE
+    prefix = _median_s(lambda: model.memory_prefix(memory), repeats, setup=model.clear_prefix_cache)
+    # (b) 32 greedy tokens end to end
+    gen_reused = _median_s(lambda: generate(cfg.new_tokens), repeats, setup=cached)
+    gen_recomputed = _median_s(lambda: generate(cfg.new_tokens), repeats, setup=model.clear_prefix_cache)
+
+    # (c) one injection of a 512-token context (delta memory + update), into a fresh copy each time
+    target = {}
+
+    def fresh() -> None:
+        target["memory"] = model.new_memory()
+
+    def inject() -> None:
+        updates = model.inject(target["memory"], context, chunk_size=cfg.context_tokens)
+        assert updates == 1
+
+    inject_s = _median_s(inject, repeats, setup=fresh)
+
+    import transformers
+
+    result = {
+        "ttft_reused_prefix_s": ttft_reused,
+        "ttft_recomputed_prefix_s": ttft_recomputed,
+        "ttft_speedup_reused_prefix": ttft_recomputed / ttft_reused,
+        "prefix_s": prefix,
+        "generate_32_s": gen_reused,
+        "generate_32_recomputed_s": gen_recomputed,
+        "decode_ms_per_token": 1000 * (gen_reused - ttft_reused) / max(1, cfg.new_tokens - 1),
+        "inject_512_s": inject_s,
+        "authors_generate_32_s": AUTHORS_REFERENCE_S["generate_32_s"],
+        "authors_inject_512_s": AUTHORS_REFERENCE_S["inject_512_s"],
+        "generate_32_vs_authors": gen_reused / AUTHORS_REFERENCE_S["generate_32_s"],
+        "inject_512_vs_authors": inject_s / AUTHORS_REFERENCE_S["inject_512_s"],
+        "build_s": build_s,
+        "repeats": repeats,
+        "threads": torch.get_num_threads(),
+        "seed": seed,
+        "config": {**asdict(cfg), "memory_tokens": cfg.memory_tokens, "dtype": "float32",
+                   "attn_implementation": model.lm.config._attn_implementation},
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "cpu_count": os.cpu_count(),
+        "loadavg_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+    }
+    return {k: round(v, 4) if isinstance(v, float) else v for k, v in result.items()}
+
+
+def _rows(c: dict) -> list[tuple[str, str, str | None]]:
+    """label, key, authors' key."""
+    p, n, t = c["prompt_tokens"], c["new_tokens"], c["context_tokens"]
+    return [
+        (f"TTFT, {p}-token prompt, prefix reused", "ttft_reused_prefix_s", None),
+        (f"TTFT, {p}-token prompt, prefix recomputed", "ttft_recomputed_prefix_s", None),
+        ("  speedup from reusing the prefix", "ttft_speedup_reused_prefix", None),
+        (f"memory prefix alone ({c['num_layers']} layers x {c['memory_tokens'] + 1:,} rows)", "prefix_s", None),
+        (f"generate {n} tokens, prefix cached", "generate_32_s", "generate_32_s"),
+        (f"generate {n} tokens, prefix recomputed", "generate_32_recomputed_s", "generate_32_s"),
+        (f"inject {t} tokens (delta + update)", "inject_512_s", "inject_512_s"),
+    ]
+
+
+def table_rows(result: dict) -> list[tuple[str, str, str, str]]:
+    """(measurement, ours, authors', ours/authors) as strings."""
+    rows = []
+    for label, key, ref in _rows(result["config"]):
+        ours = result[key]
+        authors = AUTHORS_REFERENCE_S.get(ref) if ref else None
+        rows.append((
+            label,
+            f"{ours:.2f}x" if key == "ttft_speedup_reused_prefix" else f"{ours:.3f} s",
+            f"{authors:.2f} s" if authors is not None else "-",
+            f"{ours / authors:.2f}" if authors is not None else "-",
+        ))
+    return rows
+
+
+def print_table(result: dict, file=None) -> None:
+    file = file or sys.stdout
+    c = result["config"]
+    title = (f"memllm bench: hidden {c['hidden_size']}, {c['num_layers']} layers, {c['num_heads']}/"
+             f"{c['num_kv_heads']} heads, K={c['num_tokens']}, N={c['memory_tokens']}, float32, "
+             f"{result['threads']} threads, median of {result['repeats']}")
+    headers = ("measurement", "memllm", "authors' code", "ours/authors")
+    try:
+        from rich.console import Console
+        from rich.table import Table
+    except ImportError:  # plain text
+        print(title, file=file)
+        print(" | ".join(headers), file=file)
+        for row in table_rows(result):
+            print(" | ".join(row), file=file)
+        return
+    table = Table(title=title)
+    table.add_column(headers[0])
+    for h in headers[1:]:
+        table.add_column(h, justify="right")
+    for row in table_rows(result):
+        table.add_row(*row)
+    Console(file=file, width=120).print(table)
+
+
+def markdown_table(result: dict) -> str:
+    lines = ["| measurement | memllm | authors' code | ours/authors |", "|---|---:|---:|---:|"]
+    lines += ["| " + " | ".join(row) + " |" for row in table_rows(result)]
+    return "\n".join(lines)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m memllm.bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--markdown", action="store_true", help="also print the table as Markdown")
+    for name, default in asdict(BenchConfig()).items():
+        p.add_argument("--" + name.replace("_", "-"), type=int, default=default)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    args = vars(_parser().parse_args(argv))
+    markdown = args.pop("markdown")
+    result = run_bench(args.pop("repeats"), args.pop("threads"), args.pop("seed"), **args)
+    print_table(result)
+    if markdown:
+        print(markdown_table(result))
+    sys.stdout.flush()
+    print(json.dumps(result))
+    sys.stdout.flush()
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,89 @@
+"""The command line as a user drives it: init, memory new/info/fork, inject (arg, file, stdin), ask, chat."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import memllm
+from memllm.cli import app
+from memllm.tiny import random_model
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    return memllm.save(random_model(seed=5), tmp_path_factory.mktemp("cli") / "model")
+
+
+def run(*args: str, input: str | None = None):
+    result = runner.invoke(app, list(args), input=input)
+    return result
+
+
+def test_inject_ask_info_fork(model_dir: Path, tmp_path: Path) -> None:
+    mem = tmp_path / "a.mem"
+    r = run("memory", "new", str(mem), "--model", str(model_dir))
+    assert r.exit_code == 0, r.output
+    r = run("inject", "The orchard on the hill grows forty kinds of pears.", "--model", str(model_dir), "--memory", str(mem))
+    assert r.exit_code == 0, r.output
+    doc = tmp_path / "doc.txt"
+    doc.write_text("Pears ripen in late September. " * 4)
+    assert run("inject", "--file", str(doc), "--model", str(model_dir), "--memory", str(mem)).exit_code == 0
+    assert run("inject", "--model", str(model_dir), "--memory", str(mem), input="From stdin, a longer sentence.").exit_code == 0
+    info = run("memory", "info", str(mem))
+    assert info.exit_code == 0 and "updates" in info.output
+    loaded = memllm.Memory.load(mem)
+    assert loaded.num_updates >= 3
+    r = run("ask", "What grows on the hill?", "--model", str(model_dir), "--memory", str(mem), "--max-new-tokens", "4")
+    assert r.exit_code == 0, r.output
+    m = memllm.load(model_dir)
+    assert r.stdout.rstrip("\n") == m.ask(m.load_memory(mem), "What grows on the hill?", max_new_tokens=4)
+    fork = tmp_path / "b.mem"
+    assert run("memory", "fork", str(mem), str(fork)).exit_code == 0
+    assert torch.equal(memllm.Memory.load(fork).pool, loaded.pool)
+    assert run("memory", "fork", str(mem), str(fork)).exit_code == 1  # no silent overwrite
+
+
+def test_chat_session_writes_and_saves(model_dir: Path, tmp_path: Path) -> None:
+    mem = tmp_path / "chat.mem"
+    r = run("chat", "--model", str(model_dir), "--memory", str(mem), "--max-new-tokens", "3",
+            input="/inject The ferry leaves at six every morning.\nWhen does the ferry leave?\n/quit\n")
+    assert r.exit_code == 0, r.output
+    assert memllm.Memory.load(mem).num_updates >= 1
+
+
+def test_errors_are_clear_and_memory_untouched(model_dir: Path, tmp_path: Path) -> None:
+    mem = tmp_path / "a.mem"
+    assert run("memory", "new", str(mem), "--model", str(model_dir)).exit_code == 0
+    before = mem.read_bytes()
+    other = memllm.save(random_model(seed=9), tmp_path / "other")
+    r = run("inject", "Some text that is long enough to inject.", "--model", str(other), "--memory", str(mem))
+    assert r.exit_code == 1 and "fingerprint" in r.output
+    r = run("inject", "   ", "--model", str(model_dir), "--memory", str(mem))
+    assert r.exit_code == 1 and "empty" in r.output
+    assert mem.read_bytes() == before
+    r = run("ask", "q?", "--model", str(tmp_path / "nope"), "--memory", str(mem))
+    assert r.exit_code == 1 and "not found" in r.output
+
+
+def test_init_from_base(tmp_path: Path) -> None:
+    base = random_model()
+    base.lm.save_pretrained(tmp_path / "base")
+    base.tokenizer.save_pretrained(tmp_path / "base")
+    r = run("init", str(tmp_path / "mm"), "--base", str(tmp_path / "base"), "--num-tokens", "8", "--num-blocks", "4")
+    assert r.exit_code == 0, r.output
+    assert memllm.load(tmp_path / "mm").config.num_memory_tokens == 32
+
+
+def test_demo_runs_and_reload_is_identical(tmp_path: Path) -> None:
+    from rich.console import Console
+
+    from memllm.demo import run_demo
+
+    result = run_demo(Console(file=open(tmp_path / "log", "w")), tmp_path)
+    assert result["identical_after_reload"] is True
