@@ -85,6 +85,19 @@ def test_biographies_state_every_fact(world: World) -> None:
             assert set(person.attrs.values()) <= words
 
 
+def test_distractors_mention_no_values(world: World) -> None:
+    rng = random.Random(0)
+    values = set(world.all_values())
+    kinds = set()
+    for _ in range(300):
+        text = world.distractor(rng)
+        kinds.add("english" if text in ENGLISH else "synthetic")
+        if text not in ENGLISH:
+            assert not values & set(text.rstrip(".").split())
+    assert kinds == {"english", "synthetic"}
+    assert World().distractor(random.Random(1)) == World().distractor(random.Random(1))
+
+
 def test_biography_budget_and_subset(world: World) -> None:
     rng = random.Random(0)
     person = world.people(1, seed=9)[0]

@@ -20,7 +20,6 @@ Decoding is exact for text with single spaces (the normalizer collapses other wh
 
 from __future__ import annotations
 
-import json
 import math
 import string
 from collections import Counter
