@@ -150,9 +150,9 @@ def test_index_recall_and_updates() -> None:
     m, s, r = 50_000, 64, 256
     keys, q = synthetic_keys_queries(m, s, 32, seed=3, spec=SyntheticSpec(keys_per_cluster=128, query_topics=4))
     cfg = LTMConfig(num_tokens=r, num_ltm_blocks=1, update_ltm_frequency=1,
-                    initial_rf_when_moving_stm_to_ltm=1, decay_frequency=1)
+                    initial_rf_when_moving_stm_to_ltm=2, decay_frequency=1)
     ltm = LongTermMemory(cfg, [LTMLayer(torch.zeros(m, 1), keys, torch.arange(m), torch.ones(m) * 2)])
-    ltm.build_index(0, min_candidates=8 * r)
+    ltm.build_index(0, min_candidates=16 * r)
     exact, approx = ltm.retrieve(0, q, "exact"), ltm.retrieve(0, q, "index")
     recall = torch.isin(approx.selected_sorted, exact.selected_sorted).float().mean().item()
     assert recall >= 0.95

@@ -17,7 +17,6 @@ Run ``python -m memllm.bench_ltm``; the last printed line is a JSON summary.
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from collections.abc import Sequence
@@ -112,7 +111,8 @@ def run_bench_ltm(
         )
         ltm = LongTermMemory(config, [layer])
         t0 = time.perf_counter()
-        ltm.indexes[0] = LTMIndex(**(index_kwargs or {})).build(keys)
+        kwargs = {"min_candidates": 16 * R, **(index_kwargs or {})}
+        ltm.indexes[0] = LTMIndex(**kwargs).build(keys)
         build_s = time.perf_counter() - t0
 
         exact = ltm.retrieve(0, queries, "exact")
@@ -178,8 +178,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     result = run_bench_ltm(sizes=sizes)
     _print_table(result)
     sys.stdout.flush()
-    print(json.dumps({k: v for k, v in result.items()}), file=sys.stdout)
-    os.sys.stdout.flush()
+    print(json.dumps(result))
 
 
 if __name__ == "__main__":

@@ -201,8 +201,10 @@ def _load_memory_tensors(model: MemoryModel, tensors: dict[str, torch.Tensor], p
         if not ltm:
             raise CheckpointError(f"M+ checkpoint {path} has no long-term memory (ltm.* tensors)")
         from memllm.ltm import LongTermMemory
+        from memllm.mplus import ltm_config
 
-        model.initial_ltm = LongTermMemory.from_checkpoint(ltm, model.num_layers)
+        # Stored keys are kept as they are (they are not recomputed from the vectors).
+        model.initial_ltm = LongTermMemory.from_tensors(ltm, ltm_config(model))
     elif ltm:
         raise CheckpointError(f"checkpoint {path} has long-term memory tensors but is not an M+ model")
 
@@ -216,7 +218,7 @@ def state_dict_for_save(model: MemoryModel) -> dict[str, torch.Tensor]:
     if model.config.kind == "mplus":
         ltm = getattr(model, "initial_ltm", None)
         if ltm is not None:
-            out.update(ltm.to_checkpoint())
+            out.update({k: v for k, v in ltm.state_dict().items() if k.startswith(_LTM_PREFIXES)})
     else:
         out["initialized"] = torch.tensor(int(model.initialized), dtype=torch.uint8)
     return out
@@ -288,5 +290,7 @@ def initialize_memory_parameters(model: MemoryModel, seed: int = 0) -> None:
     model.initialized = False
     if model.config.kind == "mplus":
         from memllm.ltm import LongTermMemory
+        from memllm.mplus import ltm_config
 
-        model.initial_ltm = LongTermMemory.empty(model.num_layers, model.hidden_size, model.config.selector_hidden_dim)
+        model.initial_ltm = LongTermMemory.empty(ltm_config(model), model.num_layers, model.hidden_size,
+                                                 model.config.selector_hidden_dim)

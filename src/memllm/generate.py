@@ -37,7 +37,8 @@ def generate(
         inputs = model.prepare(memory, input_ids, attention_mask)
         inputs.pop("position_ids")  # generate derives the same ones from the [prefix ; prompt] mask
         generate_kwargs.setdefault("pad_token_id", _pad_id(model))
-        return model.lm.generate(**inputs, **generate_kwargs)
+        with model.reading(memory, inputs):
+            return model.lm.generate(**inputs, **generate_kwargs)
 
 
 def _pad_id(model: "MemoryModel") -> int | None:

@@ -94,7 +94,7 @@ class Memory:
         if self.stm_ages is not None:
             out["stm_ages"] = self.stm_ages
         if self.ltm is not None:
-            out.update(self.ltm.to_tensors())
+            out.update(self.ltm.state_dict())
         return out
 
     def save(self, path: str | os.PathLike) -> Path:
@@ -110,7 +110,7 @@ class Memory:
             "checksum": _checksum(tensors),
         }
         if self.ltm is not None:
-            meta["ltm"] = json.dumps(self.ltm.metadata())
+            meta["ltm"] = json.dumps(dataclasses.asdict(self.ltm.config))
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         os.close(fd)
@@ -149,9 +149,9 @@ class Memory:
             raise MemoryFileError(f"{path} is corrupt: checksum mismatch")
         ltm = None
         if "ltm" in meta:
-            from memllm.ltm import LongTermMemory
+            from memllm.ltm import LongTermMemory, LTMConfig
 
-            ltm = LongTermMemory.from_tensors(tensors, json.loads(meta["ltm"]))
+            ltm = LongTermMemory.from_tensors(tensors, LTMConfig(**json.loads(meta["ltm"])))
         return cls(
             pool=tensors["pool"].to(device),
             stm_ages=tensors["stm_ages"].to(device) if "stm_ages" in tensors else None,

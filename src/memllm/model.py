@@ -33,6 +33,7 @@ from memllm.config import MemoryConfig
 from memllm.generate import ask, generate, stream
 from memllm.inject import MIN_CONTEXT_TOKENS, DropPolicy, chunks, delta_memory, update
 from memllm.memory import Memory, MemoryMismatchError
+from memllm.mplus import ltm_is_empty, retrieving
 
 ENCODER_ADAPTER = "default"
 DECODER_ADAPTER = "decoder_adapter"
@@ -78,6 +79,7 @@ class MemoryModel(nn.Module):
                     proj = Projector(d, config.selector_hidden_dim, ACT2FN[c.hidden_act])
                     layer.self_attn.add_module(name, proj.to(device=layer_device, dtype=dtype))
         self._prefix_cache: OrderedDict[tuple, tuple[torch.Tensor, ...]] = OrderedDict()
+        self.retrieval_mode = "exact"  # M+: "exact" (the published dense scan) or "index" (faiss)
 
     # ---- structure -----------------------------------------------------------------------------
 
@@ -225,13 +227,16 @@ class MemoryModel(nn.Module):
         return k * cos + rotate_half(k) * sin, v
 
     def memory_prefix(self, memory: Memory) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], int]:
-        """Per-layer (k, v) [1, kv_heads, P, head_dim] of [bos_l ; memory_l], and P.
+        """Per-layer (k, v) [1, kv_heads, P, head_dim] of the memory prefix, and P.
 
+        MemoryLLM: [bos_l ; memory_l], P = N + 1. M+: [bos_l ; R placeholders ; STM_l], P = 1 + R + N,
+        the placeholders being filled by retrieval inside the forward pass (`memllm.mplus`).
         Computed once per memory state when no gradient is needed (the main speed lever: the prefix
         of N vectors per layer would otherwise be projected again for every question).
         """
         if not memory.initialized:
             return [], 0
+        R = self.config.num_retrieved
         cacheable = not torch.is_grad_enabled() or not (memory.pool.requires_grad or self.bos_embedding.requires_grad)
         key = (id(memory.pool), memory.pool._version, self._active_adapter_for("decoder"),
                self.bos_embedding._version, self.training)
@@ -244,9 +249,10 @@ class MemoryModel(nn.Module):
         with self.adapter("decoder"):
             for l, layer in enumerate(self.layers):
                 dev = layer.input_layernorm.weight.device
-                rows = torch.cat([self.bos_embedding[l], memory.pool[l].to(dev)], dim=0).unsqueeze(0)
-                kv.append(self.prefix_kv(l, rows))
-        P = memory.pool.shape[1] + 1
+                pool = memory.pool[l].to(dev)
+                rows = torch.cat([self.bos_embedding[l], pool.new_zeros(R, pool.shape[-1]), pool], dim=0)
+                kv.append(self.prefix_kv(l, rows.unsqueeze(0)))
+        P = 1 + R + memory.pool.shape[1]
         if cacheable:
             self._prefix_cache[key] = (memory.pool, kv, P)
             while len(self._prefix_cache) > 4:
@@ -287,8 +293,21 @@ class MemoryModel(nn.Module):
             layer.lazy_initialization(k, v)
             layer.keys, layer.values = k.expand(B, -1, -1, -1), v.expand(B, -1, -1, -1)
         inputs["cache"] = cache
-        inputs["attention_mask"] = torch.cat([attention_mask.new_ones(B, P), attention_mask], dim=1)
+        prefix_mask = attention_mask.new_ones(B, P)
+        if self.config.kind == "mplus" and ltm_is_empty(memory):
+            prefix_mask[:, 1 : 1 + self.config.num_retrieved] = 0  # nothing to retrieve yet
+        inputs["attention_mask"] = torch.cat([prefix_mask, attention_mask], dim=1)
         return inputs
+
+    @contextmanager
+    def reading(self, memory: Memory, inputs: dict, trace: list | None = None) -> Iterator[None]:
+        """Around a forward/generate on `prepare`d inputs: M+ retrieval hooks (no-op for MemoryLLM)."""
+        if self.config.kind != "mplus" or "cache" not in inputs or ltm_is_empty(memory):
+            yield
+            return
+        text_mask = inputs["attention_mask"][:, -inputs["input_ids"].shape[1]:]
+        with retrieving(self, memory, inputs["cache"], text_mask, trace, self.retrieval_mode):
+            yield
 
     def forward(
         self,
@@ -296,12 +315,17 @@ class MemoryModel(nn.Module):
         memory: Memory,
         attention_mask: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
+        retrievals: list | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
-        """Logits of a prompt [B, T] read against a memory (decoder adapter)."""
+        """Logits of a prompt [B, T] read against a memory (decoder adapter).
+
+        retrievals: M+ only, a list that receives (layer, [Retrieval per row]) for inspection.
+        """
         with self.adapter("decoder"):
             inputs = self.prepare(memory, input_ids, attention_mask)
-            return self.lm(**inputs, labels=labels, use_cache="cache" in inputs, **kwargs)
+            with self.reading(memory, inputs, retrievals):
+                return self.lm(**inputs, labels=labels, use_cache="cache" in inputs, **kwargs)
 
     # ---- the small public API: inject, generate, ask, stream ------------------------------------
 
