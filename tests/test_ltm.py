@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import GOLDEN_DIR, golden_families
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -21,9 +21,8 @@ from memllm.ltm import (
     retrieval_scores,
 )
 
-GOLDEN_ROOT = Path(os.environ.get("MEMLLM_GOLDEN_DIR") or Path(__file__).parent / "golden")
-MPLUS = GOLDEN_ROOT / "mplus"
-needs_golden = pytest.mark.skipif(not (MPLUS / "golden.json").is_file(), reason="no mplus golden")
+MPLUS_FAMILIES = golden_families("mplus")
+needs_golden = pytest.mark.parametrize("family", MPLUS_FAMILIES)
 
 
 def _layer(ages: list[int], rf: list[float], d: int = 2, s: int = 3) -> LTMLayer:
@@ -204,7 +203,8 @@ def test_state_dict_roundtrip_without_copy(tmp_path: Path) -> None:
 
 
 # --------------------------------------------------------------------------- golden
-def _golden() -> tuple[dict, dict[str, torch.Tensor], dict[str, torch.Tensor], dict]:
+def _golden(family: str) -> tuple[dict, dict[str, torch.Tensor], dict[str, torch.Tensor], dict]:
+    MPLUS = GOLDEN_DIR / family
     meta = json.loads((MPLUS / "golden.json").read_text())
     rec = load_file(str(MPLUS / "tensors.safetensors"))
     with safe_open(str(MPLUS / "checkpoint" / "model.safetensors"), "pt") as f:
@@ -242,20 +242,20 @@ def _check_retrieval(ltm: LongTermMemory, rec: dict, ckpt: dict, config: dict, s
 
 
 @needs_golden
-def test_golden_retrieval_s0() -> None:
-    meta, rec, ckpt, config = _golden()
+def test_golden_retrieval_s0(family: str) -> None:
+    meta, rec, ckpt, config = _golden(family)
     ltm = LongTermMemory.from_tensors(ckpt, LTMConfig.from_hf_config(config))
     _check_retrieval(ltm, rec, ckpt, config, "s0", meta["retrieval"]["s0"])
 
 
 @needs_golden
-def test_golden_merge_schedule_and_retrieval_after_steps() -> None:
+def test_golden_merge_schedule_and_retrieval_after_steps(family: str) -> None:
     """Replay the 5 recorded updates (ages, frequencies, sources), then retrieve at each state.
 
     Keys/rows of dropped STM rows are not recomputed here (that needs the model); the LTM and
     cache keys for retrieval are taken from the recorded `ltm_keys_after` / `cached_keys_after`.
     """
-    meta, rec, ckpt, config = _golden()
+    meta, rec, ckpt, config = _golden(family)
     cfg = LTMConfig.from_hf_config(config)
     k = cfg.num_tokens
     ltm = LongTermMemory.from_tensors(ckpt, cfg)

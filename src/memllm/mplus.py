@@ -93,6 +93,8 @@ def retrieving(
             with torch.no_grad():
                 q = retrieval_queries(model, l, hidden).float().cpu()
             mask = text_mask.bool().cpu()
+            if mode == "index" and (ltm.indexes[l] is None or ltm.indexes[l].size != ltm.layers[l].num_ltm):
+                ltm.build_index(l)  # first indexed read of this layer, or the LTM changed since
             results: list[Retrieval] = [ltm.retrieve(l, q[b][mask[b]], mode) for b in range(q.shape[0])]
             if trace is not None:
                 trace.append((l, results))

@@ -1,0 +1,83 @@
+"""M+ on tiny random models: LTM filling through updates, batched per-row retrieval, persistence."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from memllm.tiny import random_model
+
+
+@pytest.fixture(scope="module")
+def model():
+    # K 8, STM 4 blocks (N 32), R = 2 blocks (16), merge every 2 updates.
+    return random_model(kind="mplus", num_blocks=6, num_ltm_blocks=2, seed=4)
+
+
+def filled_memory(model, updates: int = 6):
+    memory = model.new_memory()
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for i in range(updates):
+            model.inject(memory, torch.randint(0, 200, (20,), generator=g))
+    return memory
+
+
+def test_fresh_memory_reads_without_ltm_and_updates_fill_it(model) -> None:
+    memory = model.new_memory()
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        model(ids, memory)  # empty LTM: the retrieved block is masked out
+    memory = filled_memory(model)
+    sizes = [st.num_ltm for st in memory.ltm.layers]
+    assert all(s >= model.config.num_retrieved for s in sizes), sizes
+    assert memory.stm_ages.shape == memory.pool.shape[:2]
+    trace: list = []
+    with torch.no_grad():
+        model(ids, memory, retrievals=trace)
+    assert [l for l, _ in trace] == list(range(model.num_layers))
+    assert all(len(r.order) == model.config.num_retrieved for _, (r,) in trace)
+
+
+def test_batched_padded_retrieval_equals_rows_alone(model) -> None:
+    memory = filled_memory(model)
+    ids = torch.tensor([[0, 0, 11, 12, 13], [21, 22, 23, 24, 25]])
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    with torch.no_grad():
+        batch = model(ids, memory, attention_mask=mask).logits
+        first = model(ids[:1, 2:], memory).logits
+        second = model(ids[1:], memory).logits
+    torch.testing.assert_close(batch[0, 2:], first[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(batch[1], second[0], atol=1e-5, rtol=1e-5)
+
+
+def test_index_mode_matches_exact_on_a_small_ltm(model) -> None:
+    memory = filled_memory(model)
+    ids = torch.tensor([[9, 8, 7, 6, 5, 4]])
+    with torch.no_grad():
+        exact = model(ids, memory).logits
+        model.retrieval_mode = "index"
+        try:
+            indexed = model(ids, memory).logits
+        finally:
+            model.retrieval_mode = "exact"
+    torch.testing.assert_close(indexed, exact)
+
+
+def test_memory_with_ltm_saves_loads_and_forks(model, tmp_path: Path) -> None:
+    memory = filled_memory(model, updates=5)  # odd: the cache is non-empty
+    assert memory.ltm.layers[0].num_cached > 0
+    path = memory.save(tmp_path / "m.mem")
+    loaded = model.load_memory(path)
+    ids = torch.tensor([[1, 2, 3, 4]])
+    with torch.no_grad():
+        assert torch.equal(model(ids, memory).logits, model(ids, loaded).logits)
+    fork = loaded.fork()
+    with torch.no_grad():
+        model.inject(fork, list(range(30, 50)))
+    assert fork.ltm.update_step != loaded.ltm.update_step or fork.ltm.layers[0].num_ltm != loaded.ltm.layers[0].num_ltm
+    assert loaded.ltm.layers[0].num_cached == memory.ltm.layers[0].num_cached
+    info = loaded.info()
+    assert info["ltm_vectors_per_layer"] == [st.num_ltm for st in memory.ltm.layers]
