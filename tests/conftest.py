@@ -8,7 +8,6 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
-import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -67,6 +66,33 @@ def load_golden(name: str) -> Golden:
     return Golden(name, path, json.loads((path / "golden.json").read_text()), load_file(path / "tensors.safetensors"))
 
 
-@pytest.fixture
-def tmp_memory_dir(tmp_path: Path) -> Path:
-    return tmp_path
+def check_recorded(g: Golden, ours: dict[str, torch.Tensor], prefix: str, category) -> int:
+    """Compare every recorded tensor whose name starts with prefix; returns how many.
+
+    category(name) names the tolerance class of a float tensor; integer tensors must be equal."""
+    names = [n for n in g.tensors if n.startswith(prefix)]
+    for name in names:
+        assert name in ours, f"{g.name}: recorded tensor {name} was not reproduced"
+        if g.tensors[name].dtype == torch.int64:
+            assert torch.equal(ours[name].long(), g.tensors[name]), f"{g.name}:{name} differs"
+        else:
+            g.assert_close(name, ours[name], category(name))
+    return len(names)
+
+
+def assert_checkpoint_round_trip(g: Golden, out_dir: Path) -> None:
+    """Every checkpoint key is consumed, and saving writes back the same keys and shapes and a model
+    that reads identically."""
+    from safetensors import safe_open
+
+    import memllm
+
+    model = memllm.load(g.checkpoint)
+    out = memllm.save(model, out_dir)
+    with safe_open(str(out / "model.safetensors"), framework="pt") as f:
+        saved = {k: list(f.get_slice(k).get_shape()) for k in f.keys()}
+    assert saved == {k: v["shape"] for k, v in g.meta["checkpoint_keys"].items()}
+    again = memllm.load(out)
+    ids = g.ids("prompt_b1")
+    with torch.no_grad():
+        assert torch.equal(model(ids, model.new_memory()).logits, again(ids, again.new_memory()).logits)

@@ -8,11 +8,16 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import (
+    Golden,
+    assert_checkpoint_round_trip,
+    check_recorded,
+    golden_families,
+    load_golden,
+)
 
 import memllm
 from memllm.inject import RecordedDrop, delta_memory, update
-
-from conftest import Golden, golden_families, load_golden
 
 FAMILIES = golden_families("memoryllm")
 pytestmark = pytest.mark.skipif(not FAMILIES, reason="no MemoryLLM golden vectors found")
@@ -90,15 +95,7 @@ CATEGORY = [
 
 
 def check(g: Golden, ours: dict[str, torch.Tensor], prefix: str) -> int:
-    names = [n for n in g.tensors if n.startswith(prefix)]
-    for name in names:
-        assert name in ours, f"{g.name}: recorded tensor {name} was not reproduced"
-        if g.tensors[name].dtype == torch.int64:
-            assert torch.equal(ours[name].long(), g.tensors[name]), f"{g.name}:{name} differs"
-        else:
-            category = next(c for suffix, c in CATEGORY if name.endswith(suffix))
-            g.assert_close(name, ours[name], category)
-    return len(names)
+    return check_recorded(g, ours, prefix, lambda name: next(c for suffix, c in CATEGORY if name.endswith(suffix)))
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -127,19 +124,7 @@ def test_golden_memoryllm_every_recorded_tensor_is_reproduced(family: str) -> No
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_golden_memoryllm_checkpoint_keys_round_trip(family: str, tmp_path) -> None:
-    """Every checkpoint key is consumed, and saving writes back the same keys and shapes."""
-    from safetensors import safe_open
-
-    g = load_golden(family)
-    model = memllm.load(g.checkpoint)
-    out = memllm.save(model, tmp_path / "ckpt")
-    with safe_open(str(out / "model.safetensors"), framework="pt") as f:
-        saved = {k: list(f.get_slice(k).get_shape()) for k in f.keys()}
-    assert saved == {k: v["shape"] for k, v in g.meta["checkpoint_keys"].items()}
-    again = memllm.load(out)
-    ids = g.ids("prompt_b1")
-    with torch.no_grad():
-        assert torch.equal(model(ids, model.new_memory()).logits, again(ids, again.new_memory()).logits)
+    assert_checkpoint_round_trip(load_golden(family), tmp_path / "ckpt")
 
 
 @pytest.mark.parametrize("family", [f for f in FAMILIES if load_golden(f).meta["config_summary"]["lora_config"]])

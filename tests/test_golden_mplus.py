@@ -10,11 +10,16 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import (
+    Golden,
+    assert_checkpoint_round_trip,
+    check_recorded,
+    golden_families,
+    load_golden,
+)
 
 import memllm
 from memllm.inject import RecordedDrop, delta_memory, update
-
-from conftest import Golden, golden_families, load_golden
 
 FAMILIES = golden_families("mplus")
 pytestmark = pytest.mark.skipif(not FAMILIES, reason="no M+ golden vectors found")
@@ -99,14 +104,7 @@ def category(name: str) -> str:
 
 
 def check(g: Golden, ours: dict[str, torch.Tensor], prefix: str) -> int:
-    names = [n for n in g.tensors if n.startswith(prefix)]
-    for name in names:
-        assert name in ours, f"{g.name}: recorded tensor {name} was not reproduced"
-        if g.tensors[name].dtype == torch.int64:
-            assert torch.equal(ours[name].long(), g.tensors[name]), f"{g.name}:{name} differs"
-        else:
-            g.assert_close(name, ours[name], category(name))
-    return len(names)
+    return check_recorded(g, ours, prefix, category)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -154,15 +152,4 @@ def test_golden_mplus_ages_cache_and_ltm_bookkeeping(family: str) -> None:
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_golden_mplus_checkpoint_keys_round_trip(family: str, tmp_path) -> None:
-    from safetensors import safe_open
-
-    g = load_golden(family)
-    model = memllm.load(g.checkpoint)
-    out = memllm.save(model, tmp_path / "ckpt")
-    with safe_open(str(out / "model.safetensors"), framework="pt") as f:
-        saved = {k: list(f.get_slice(k).get_shape()) for k in f.keys()}
-    assert saved == {k: v["shape"] for k, v in g.meta["checkpoint_keys"].items()}
-    again = memllm.load(out)
-    ids = g.ids("prompt_b1")
-    with torch.no_grad():
-        assert torch.equal(model(ids, model.new_memory()).logits, again(ids, again.new_memory()).logits)
+    assert_checkpoint_round_trip(load_golden(family), tmp_path / "ckpt")

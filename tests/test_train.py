@@ -1,0 +1,191 @@
+"""memllm.train: objectives, resume, checkpoint round trip, two-process DDP, a loss that drops."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import memllm
+from memllm import checkpoint
+from memllm.data import TokenCorpus, read_documents
+from memllm.tiny import random_model
+from memllm.train import (
+    MemoryTraining,
+    TrainConfig,
+    kept_rows,
+    memory_loss,
+    objective_at,
+    set_dropout,
+    train,
+    trainable_parameters,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+LETTERS = "abcdefghijklmnop"
+
+
+def copy_documents(n: int, length: int, seed: int) -> list[str]:
+    """Documents `s s`: the second half is only predictable by reading the first from memory."""
+    rng = random.Random(seed)
+    docs = []
+    for _ in range(n):
+        s = "".join(rng.choice(LETTERS) for _ in range(length))
+        docs.append(s + s)
+    return docs
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory) -> dict:
+    tmp = tmp_path_factory.mktemp("train")
+    model = random_model(lora_rank=4)
+    checkpoint.save(model, tmp / "ckpt")
+    with open(tmp / "docs.jsonl", "w") as f:
+        for doc in copy_documents(64, 16, seed=1):
+            f.write(json.dumps({"text": doc}) + "\n")
+    return {"tmp": tmp, "ckpt": str(tmp / "ckpt"), "data": [str(tmp / "docs.jsonl")]}
+
+
+def config(setup: dict, out: str, **kw) -> TrainConfig:
+    base = dict(model=setup["ckpt"], data=setup["data"], out=str(setup["tmp"] / out), steps=6, batch_size=2,
+                context_len=16, min_contexts=2, max_contexts=3, num_distractors=1, log_every=1, save_every=100,
+                progress=False, dropout=0.0, lr=1e-3, memory_reset_prob=0.2)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def trained(out: Path) -> dict[str, torch.Tensor]:
+    model = memllm.load(out / "model")
+    return {n: p.detach().clone() for n, p in model.named_parameters()} | {"initial_pool": model.initial_pool}
+
+
+def test_train_data_windows_are_deterministic(setup):
+    tok = random_model(lora_rank=0).tokenizer
+    corpus = TokenCorpus.from_texts(read_documents(setup["data"]), tok)
+    a = corpus.sample(random.Random(3), 2, 16)
+    b = corpus.sample(random.Random(3), 2, 16)
+    assert a[0] == b[0] and torch.equal(a[1], b[1]) and a[1].shape == (2, 16)
+    doc, x = corpus.sample(random.Random(0), 1, 16, exclude=a[0])
+    assert doc != a[0]
+
+
+def test_train_all_objectives_log_and_save(setup):
+    cfg = config(setup, "all", steps=8)
+    result = train(cfg)
+    assert result["step"] == 8
+    records = [json.loads(line) for line in open(Path(cfg.out) / "metrics.jsonl")]
+    assert [r["step"] for r in records] == list(range(1, 9))
+    seen = {k for r in records for k in r if k.startswith("loss/")}
+    assert seen == {f"loss/{objective_at(cfg, m)}" for m in range(8)}
+    assert {objective_at(cfg, m) for m in range(200)} == {"new_knowledge", "continuous", "forgetting", "plain_lm"}
+    assert all(torch.isfinite(torch.tensor(v)) for r in records for k, v in r.items() if k.startswith("loss/"))
+
+
+def test_train_resume_equals_uninterrupted_run(setup):
+    full = config(setup, "full_run", steps=6, grad_accum=2)
+    train(full)
+    part = config(setup, "resumed", steps=6, grad_accum=2, save_every=2, stop_after=3)
+    result = train(part)
+    assert result["step"] == 3 and "model" not in result
+    result = train(config(setup, "resumed", steps=6, grad_accum=2, save_every=2))
+    assert result["step"] == 6
+    a, b = trained(Path(full.out)), trained(Path(part.out))
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], atol=1e-6, rtol=0, msg=name)
+
+
+def test_train_checkpoint_reloads_with_same_logits(setup):
+    cfg = config(setup, "reload", steps=3, train="full")
+    train(cfg)
+    model = memllm.load(Path(cfg.out) / "model")
+    again = memllm.load(Path(cfg.out) / "model")
+    assert model.initialized
+    start = random_model(lora_rank=4)
+    assert not torch.equal(model.bos_embedding, start.bos_embedding)  # bos trained and saved
+    ids = torch.randint(0, 256, (1, 12))
+    m1, m2 = model.new_memory(), again.new_memory()
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids, m1).logits, again(ids, m2).logits, atol=0, rtol=0)
+
+
+def heldout_contexts(model, n: int = 16) -> torch.Tensor:
+    docs = copy_documents(n, 16, seed=99)  # not in the training documents
+    ids = [model.tokenizer(d, add_special_tokens=False)["input_ids"] for d in docs]
+    return torch.tensor(ids).view(n, 2, 16)  # [D, 2, T]: x1 = s, x2 = s
+
+
+def test_train_lowers_memory_conditioned_loss(setup):
+    before_model = memllm.load(setup["ckpt"]).eval()
+    contexts = heldout_contexts(before_model)
+    before = memory_loss(before_model, contexts)
+    cfg = config(setup, "learn", steps=40, batch_size=4, new_knowledge=1.0, continuous=0.0, forgetting=0.0,
+                 plain_lm=0.0, lr=3e-3, train="full", log_every=10)
+    train(cfg)
+    after_model = memllm.load(Path(cfg.out) / "model").eval()
+    after = memory_loss(after_model, contexts)
+    assert after < before - 1.0, (before, after)
+
+
+def test_train_accelerate_two_processes(setup):
+    common = ["--model", setup["ckpt"], "--data", *setup["data"], "--steps", "4", "--context-len", "16",
+              "--min-contexts", "2", "--max-contexts", "3", "--num-distractors", "1", "--dropout", "0",
+              "--lr", "1e-3", "--memory-reset-prob", "0.2",
+              "--seed", "5", "--new-knowledge", "1", "--continuous", "1", "--forgetting", "1", "--plain-lm", "1", "--no-progress", "--dump-params", "--save-every", "100"]
+    tmp = setup["tmp"]
+    # `accelerate launch --cpu` runs one process (multi-CPU needs MPI there); torchrun-style launching
+    # (`--multi_gpu`) with ACCELERATE_USE_CPU gives two gloo DDP processes on a machine without GPUs.
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src"), "ACCELERATE_USE_CPU": "1"}
+    accelerate = str(Path(sys.executable).with_name("accelerate"))
+    two = subprocess.run(
+        [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+         "--dynamo_backend", "no", "-m", "memllm.train", *common, "--out", str(tmp / "ddp"), "--batch-size", "2"],
+        env=env, capture_output=True, text=True, timeout=240,
+    )
+    assert two.returncode == 0, two.stderr[-3000:]
+    cfg = TrainConfig(model="", data=[], out="", seed=5, new_knowledge=1, continuous=1, forgetting=1, plain_lm=1)
+    assert {objective_at(cfg, m) for m in range(4)} == {"new_knowledge", "continuous", "forgetting", "plain_lm"}
+    one = subprocess.run(
+        [sys.executable, "-m", "memllm.train", *common, "--out", str(tmp / "single"), "--batch-size", "4"],
+        env=env, capture_output=True, text=True, timeout=240,
+    )
+    assert one.returncode == 0, one.stderr[-3000:]
+    r0, r1 = load_file(tmp / "ddp" / "params_rank0.safetensors"), load_file(tmp / "ddp" / "params_rank1.safetensors")
+    single = load_file(tmp / "single" / "params_rank0.safetensors")
+    assert r0.keys() == single.keys() and len(r0) > 2
+    for name in r0:
+        assert torch.equal(r0[name], r1[name]), name
+        torch.testing.assert_close(r0[name], single[name], atol=1e-4, rtol=0, msg=name)
+    # the runs moved the parameters, so the comparison means something
+    start = {n: p for n, p in random_model(lora_rank=4).named_parameters()}
+    assert any(not torch.allclose(single[n], start[n]) for n in single)
+
+
+def test_train_gradient_checkpointing_gives_same_gradients():
+    model = random_model(lora_rank=4)
+    set_dropout(model, 0.0)
+    params = trainable_parameters(model, "lora")
+    contexts = torch.randint(0, 256, (2, 3, 16))  # [B, n, T]: two injections, one prediction
+    pool = model.initial_pool.unsqueeze(0).repeat(2, 1, 1, 1)
+    kept = torch.stack([torch.stack([kept_rows(2, 32, 8, 10 * i + b, True, "cpu") for b in range(2)])
+                        for i in range(2)])
+    grads = []
+    for recompute in (False, True):
+        model.zero_grad(set_to_none=True)
+        loss, _ = MemoryTraining(model, recompute).train()(contexts, pool, [True, True], kept)
+        loss.backward()
+        grads.append([p.grad.clone() for p in params])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+    assert model.bos_embedding.grad is not None and model.new_memory_positional_emb.grad.abs().sum() > 0
+
+
+def test_train_bf16_with_checkpointing_runs(setup):
+    result = train(config(setup, "bf16", steps=2, mixed_precision="bf16", gradient_checkpointing=True))
+    assert result["step"] == 2 and all(torch.isfinite(torch.tensor(v)) for v in result["losses"].values())
