@@ -81,3 +81,40 @@ def test_memory_with_ltm_saves_loads_and_forks(model, tmp_path: Path) -> None:
     assert loaded.ltm.layers[0].num_cached == memory.ltm.layers[0].num_cached
     info = loaded.info()
     assert info["ltm_vectors_per_layer"] == [st.num_ltm for st in memory.ltm.layers]
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096 / 2**20
+
+
+def test_ltm_of_1_5m_vectors_per_layer_saves_sharded_loads_mapped_and_answers(tmp_path: Path) -> None:
+    from memllm.ltm import LongTermMemory, LTMLayer
+
+    model = random_model(kind="mplus", hidden_size=16, num_heads=2, num_kv_heads=1, intermediate_size=32,
+                         num_blocks=6, num_ltm_blocks=2, seed=6)
+    M, s = 1_500_000, model.config.selector_hidden_dim
+    g = torch.Generator().manual_seed(0)
+    layers = [LTMLayer(torch.randn(M, 16, generator=g), torch.randn(M, s, generator=g),
+                       torch.arange(M, dtype=torch.long), torch.ones(M)) for _ in range(model.num_layers)]
+    memory = model.new_memory()
+    memory.ltm = LongTermMemory(memory.ltm.config, layers)
+    ltm_mb = sum(t.numel() * t.element_size() for st in layers for t in (st.vectors, st.keys, st.ages,
+                                                                          st.recall_frequencies)) / 2**20
+    path = memory.save(tmp_path / "big.mem", shard_bytes=128 << 20)
+    shards = sorted(p.name for p in tmp_path.glob("big.mem.*.ltm-*.safetensors"))
+    assert len(shards) == model.num_layers  # one layer (~210 MB) per shard
+    ids = torch.tensor([[3, 1, 4, 1, 5, 9]])
+    with torch.no_grad():
+        expected = model(ids, memory).logits
+    del memory, layers
+    before = _rss_mb()
+    loaded = model.load_memory(path, verify=False)
+    assert _rss_mb() - before < ltm_mb / 4  # memory-mapped: the LTM did not enter RAM
+    assert [st.num_ltm for st in loaded.ltm.layers] == [M] * model.num_layers
+    with torch.no_grad():
+        assert torch.equal(model(ids, loaded).logits, expected)
+    assert torch.equal(model.load_memory(path).pool, loaded.pool)  # verified load agrees
+    loaded.save(path, shard_bytes=128 << 20)  # a new generation replaces the old shards
+    assert sorted(p.name for p in tmp_path.glob("big.mem.*.ltm-*.safetensors")) != shards
+    assert len(list(tmp_path.glob("big.mem.*.ltm-*.safetensors"))) == model.num_layers

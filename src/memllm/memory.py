@@ -15,6 +15,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import secrets
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -97,56 +98,68 @@ class Memory:
             out.update(self.ltm.state_dict())
         return out
 
-    def save(self, path: str | os.PathLike) -> Path:
-        """Write atomically: the file at `path` is either the old version or the complete new one."""
+    def save(self, path: str | os.PathLike, shard_bytes: int = 2 << 30) -> Path:
+        """Write atomically: `path` is either the old version or the complete new one.
+
+        A long-term memory larger than `shard_bytes` goes to sibling shard files (one or more layers
+        each, named with a fresh generation id); the main file, written last by an atomic rename, lists
+        them with their checksums, and the previous generation's shards are removed only after it.
+        """
         path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
         tensors = {k: v.detach().to("cpu").contiguous() for k, v in self.tensors().items()}
+        main = {k: v for k, v in tensors.items() if not _is_ltm_layer_tensor(k)}
+        ltm_tensors = {k: v for k, v in tensors.items() if _is_ltm_layer_tensor(k)}
         meta = {
             "format": FORMAT,
             "format_version": str(FORMAT_VERSION),
             "fingerprint": self.fingerprint,
             "initialized": json.dumps(self.initialized),
             "num_updates": str(self.num_updates),
-            "checksum": _checksum(tensors),
         }
         if self.ltm is not None:
             meta["ltm"] = json.dumps(dataclasses.asdict(self.ltm.config))
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.close(fd)
-        try:
-            save_file(tensors, tmp, metadata=meta)
-            with open(tmp, "rb") as f:
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        shards: list[dict] = []
+        if sum(t.numel() * t.element_size() for t in ltm_tensors.values()) > shard_bytes:
+            generation = secrets.token_hex(4)
+            for i, group in enumerate(_group_by_layer(ltm_tensors, shard_bytes)):
+                name = f"{path.name}.{generation}.ltm-{i:05d}.safetensors"
+                _atomic_write(group, path.parent / name, {"format": FORMAT + "-shard"})
+                shards.append({"file": name, "checksum": _checksum(group), "tensors": sorted(group)})
+            meta["shards"] = json.dumps(shards)
+        else:
+            main.update(ltm_tensors)
+        meta["checksum"] = _checksum(main)
+        _atomic_write(main, path, meta)
+        keep = {s["file"] for s in shards}
+        for old in path.parent.glob(f"{path.name}.*.ltm-*.safetensors"):
+            if old.name not in keep:
+                old.unlink(missing_ok=True)
         return path
 
     @classmethod
-    def load(cls, path: str | os.PathLike, device: torch.device | str = "cpu") -> "Memory":
-        """Read and verify a memory file. Raises MemoryFileError naming what is wrong."""
+    def load(cls, path: str | os.PathLike, device: torch.device | str = "cpu", verify: bool = True) -> "Memory":
+        """Read a memory file (and its shards). Raises MemoryFileError naming what is wrong.
+
+        Tensors are memory-mapped, not read: a long-term memory of millions of vectors loads without
+        entering RAM. `verify` checks every checksum, which streams through the files once.
+        """
         path = Path(path)
         if not path.is_file():
             raise MemoryFileError(f"memory file not found: {path}")
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                meta = f.metadata() or {}
-                if meta.get("format") != FORMAT:
-                    raise MemoryFileError(f"{path} is a safetensors file but not a memllm memory")
-                tensors = {k: f.get_tensor(k) for k in f.keys()}
-        except SafetensorError as e:
-            raise MemoryFileError(f"{path} is corrupt or not a memory file ({e})") from e
+        meta, tensors = _read(path, expect=FORMAT)
         if int(meta.get("format_version", "0")) > FORMAT_VERSION:
             raise MemoryFileError(f"{path} was written by a newer memllm (format {meta['format_version']})")
-        if _checksum(tensors) != meta.get("checksum"):
+        if verify and _checksum(tensors) != meta.get("checksum"):
             raise MemoryFileError(f"{path} is corrupt: checksum mismatch")
+        for shard in json.loads(meta.get("shards", "[]")):
+            shard_path = path.parent / shard["file"]
+            if not shard_path.is_file():
+                raise MemoryFileError(f"{path} is incomplete: its shard {shard['file']} is missing")
+            _, part = _read(shard_path, expect=FORMAT + "-shard")
+            if verify and _checksum(part) != shard["checksum"]:
+                raise MemoryFileError(f"{shard_path} is corrupt: checksum mismatch")
+            tensors.update(part)
         ltm = None
         if "ltm" in meta:
             from memllm.ltm import LongTermMemory, LTMConfig
@@ -160,6 +173,58 @@ class Memory:
             num_updates=int(meta["num_updates"]),
             ltm=ltm,
         )
+
+
+def _is_ltm_layer_tensor(name: str) -> bool:
+    return name.startswith("ltm") and name.rsplit(".", 1)[-1].isdigit()
+
+
+def _group_by_layer(tensors: dict[str, torch.Tensor], shard_bytes: int) -> list[dict[str, torch.Tensor]]:
+    """Whole layers per shard, as many as fit in shard_bytes (at least one)."""
+    layers: dict[str, dict[str, torch.Tensor]] = {}
+    for name, t in tensors.items():
+        layers.setdefault(name.rsplit(".", 1)[-1], {})[name] = t
+    groups: list[dict[str, torch.Tensor]] = []
+    size = 0
+    for layer in sorted(layers, key=int):
+        part = layers[layer]
+        nbytes = sum(t.numel() * t.element_size() for t in part.values())
+        if not groups or size + nbytes > shard_bytes:
+            groups.append({})
+            size = 0
+        groups[-1].update(part)
+        size += nbytes
+    return groups
+
+
+def _atomic_write(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def _read(path: Path, expect: str) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    """Metadata and memory-mapped tensors of a safetensors file of the expected kind."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            if meta.get("format") != expect:
+                raise MemoryFileError(f"{path} is a safetensors file but not a memllm memory")
+            return meta, {k: f.get_tensor(k) for k in f.keys()}
+    except SafetensorError as e:
+        raise MemoryFileError(f"{path} is corrupt or not a memory file ({e})") from e
 
 
 def _checksum(tensors: dict[str, torch.Tensor]) -> str:

@@ -195,9 +195,9 @@ class MemoryModel(nn.Module):
                 f"convert it explicitly with memory.to(dtype={self.dtype})"
             )
 
-    def load_memory(self, path: str, convert_dtype: bool = False) -> Memory:
-        """Load a memory file and check it belongs to this model."""
-        memory = Memory.load(path, device=self.device)
+    def load_memory(self, path: str, convert_dtype: bool = False, verify: bool = True) -> Memory:
+        """Load a memory file and check it belongs to this model (see `Memory.load`)."""
+        memory = Memory.load(path, device=self.device, verify=verify)
         if convert_dtype and memory.pool.dtype != self.dtype:
             memory = memory.to(dtype=self.dtype)
         self.check_memory(memory)
