@@ -42,21 +42,30 @@ def copy_documents(n: int, length: int, seed: int) -> list[str]:
     return docs
 
 
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """accelerate keeps one process-wide state; each train() here may ask for another precision."""
+    yield
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory) -> dict:
     tmp = tmp_path_factory.mktemp("train")
     model = random_model(lora_rank=4)
     checkpoint.save(model, tmp / "ckpt")
     with open(tmp / "docs.jsonl", "w") as f:
-        for doc in copy_documents(64, 16, seed=1):
-            f.write(json.dumps({"text": doc}) + "\n")
+        f.writelines(json.dumps({"text": doc}) + "\n" for doc in copy_documents(64, 16, seed=1))
     return {"tmp": tmp, "ckpt": str(tmp / "ckpt"), "data": [str(tmp / "docs.jsonl")]}
 
 
 def config(setup: dict, out: str, **kw) -> TrainConfig:
-    base = dict(model=setup["ckpt"], data=setup["data"], out=str(setup["tmp"] / out), steps=6, batch_size=2,
-                context_len=16, min_contexts=2, max_contexts=3, num_distractors=1, log_every=1, save_every=100,
-                progress=False, dropout=0.0, lr=1e-3, memory_reset_prob=0.2)
+    base = {"model": setup["ckpt"], "data": setup["data"], "out": str(setup["tmp"] / out), "steps": 6,
+            "batch_size": 2, "context_len": 16, "min_contexts": 2, "max_contexts": 3, "num_distractors": 1,
+            "log_every": 1, "save_every": 100, "progress": False, "dropout": 0.0, "lr": 1e-3,
+            "memory_reset_prob": 0.2}
     base.update(kw)
     return TrainConfig(**base)
 
@@ -72,7 +81,7 @@ def test_train_data_windows_are_deterministic(setup):
     a = corpus.sample(random.Random(3), 2, 16)
     b = corpus.sample(random.Random(3), 2, 16)
     assert a[0] == b[0] and torch.equal(a[1], b[1]) and a[1].shape == (2, 16)
-    doc, x = corpus.sample(random.Random(0), 1, 16, exclude=a[0])
+    doc, _ = corpus.sample(random.Random(0), 1, 16, exclude=a[0])
     assert doc != a[0]
 
 
@@ -80,7 +89,7 @@ def test_train_all_objectives_log_and_save(setup):
     cfg = config(setup, "all", steps=8)
     result = train(cfg)
     assert result["step"] == 8
-    records = [json.loads(line) for line in open(Path(cfg.out) / "metrics.jsonl")]
+    records = [json.loads(line) for line in (Path(cfg.out) / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == list(range(1, 9))
     seen = {k for r in records for k in r if k.startswith("loss/")}
     assert seen == {f"loss/{objective_at(cfg, m)}" for m in range(8)}
@@ -146,14 +155,14 @@ def test_train_accelerate_two_processes(setup):
     two = subprocess.run(
         [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
          "--dynamo_backend", "no", "-m", "memllm.train", *common, "--out", str(tmp / "ddp"), "--batch-size", "2"],
-        env=env, capture_output=True, text=True, timeout=240,
+        check=False, env=env, capture_output=True, text=True, timeout=240,
     )
     assert two.returncode == 0, two.stderr[-3000:]
     cfg = TrainConfig(model="", data=[], out="", seed=5, new_knowledge=1, continuous=1, forgetting=1, plain_lm=1)
     assert {objective_at(cfg, m) for m in range(4)} == {"new_knowledge", "continuous", "forgetting", "plain_lm"}
     one = subprocess.run(
         [sys.executable, "-m", "memllm.train", *common, "--out", str(tmp / "single"), "--batch-size", "4"],
-        env=env, capture_output=True, text=True, timeout=240,
+        check=False, env=env, capture_output=True, text=True, timeout=240,
     )
     assert one.returncode == 0, one.stderr[-3000:]
     r0, r1 = load_file(tmp / "ddp" / "params_rank0.safetensors"), load_file(tmp / "ddp" / "params_rank1.safetensors")

@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterator, Protocol
 
 import torch
-from transformers import DynamicCache
 
 from memllm.memory import Memory
 
@@ -97,17 +96,18 @@ def delta_memory(
             captured[l] = out[:, -num_new:]
         return hook
 
+    from memllm.model import prefilled_cache
+
     with model.adapter("encoder"):
         cache = None
         if P:
-            cache = DynamicCache(config=model.lm.config)
-            for l, layer_cache in enumerate(cache.layers):
+            kv = []
+            for l in range(model.num_layers):
                 dev = model.layers[l].input_layernorm.weight.device
                 bos = model.bos_embedding[l].unsqueeze(0).expand(B, -1, -1)
                 prefix = torch.cat([bos, layer_pool(l, dev)[:, -K:][:, : P - 1]], dim=1)  # [B, P, d]
-                k, v = model.prefix_kv(l, prefix)
-                layer_cache.lazy_initialization(k, v)
-                layer_cache.keys, layer_cache.values = k, v
+                kv.append(model.prefix_kv(l, prefix))
+            cache = prefilled_cache(model.lm.config, kv, B)
         embeds = model.lm.get_input_embeddings()(input_ids)  # [B, T, d]
         if old_queries:  # placeholders, replaced by each layer's own memory rows in the pre-hook
             embeds = torch.cat([embeds.new_zeros(B, old_queries, embeds.shape[-1]), embeds], dim=1)

@@ -39,6 +39,16 @@ ENCODER_ADAPTER = "default"
 DECODER_ADAPTER = "decoder_adapter"
 
 
+def prefilled_cache(config, kv: list[tuple[torch.Tensor, torch.Tensor]], batch: int) -> DynamicCache:
+    """A transformers cache holding a prefix's (k, v) per layer, broadcast to `batch` rows without a
+    copy (the first update concatenates, so the given tensors are never written into)."""
+    cache = DynamicCache(config=config)
+    for layer, (k, v) in zip(cache.layers, kv):
+        layer.lazy_initialization(k, v)
+        layer.keys, layer.values = k.expand(batch, -1, -1, -1), v.expand(batch, -1, -1, -1)
+    return cache
+
+
 class Projector(nn.Sequential):
     """M+ retriever projector: Linear(d -> 2s) -> activation -> Linear(2s -> s), no biases."""
 
@@ -245,19 +255,26 @@ class MemoryModel(nn.Module):
             if entry[0] is memory.pool:
                 self._prefix_cache.move_to_end(key)
                 return entry[1], entry[2]
-        kv = []
-        with self.adapter("decoder"):
-            for l, layer in enumerate(self.layers):
-                dev = layer.input_layernorm.weight.device
-                pool = memory.pool[l].to(dev)
-                rows = torch.cat([self.bos_embedding[l], pool.new_zeros(R, pool.shape[-1]), pool], dim=0)
-                kv.append(self.prefix_kv(l, rows.unsqueeze(0)))
+        kv = self.pool_prefix(memory.pool.unsqueeze(0))
         P = 1 + R + memory.pool.shape[1]
         if cacheable:
             self._prefix_cache[key] = (memory.pool, kv, P)
             while len(self._prefix_cache) > 4:
                 self._prefix_cache.popitem(last=False)
         return kv, P
+
+    def pool_prefix(self, pools: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per-layer (k, v) [B, kv_heads, P, head_dim] of [bos_l ; R placeholders ; pools[:, l]] for
+        pools [B, L, N, d] (decoder adapter). Differentiable: training reads memories through it."""
+        R = self.config.num_retrieved
+        kv = []
+        with self.adapter("decoder"):
+            for l, layer in enumerate(self.layers):
+                pool = pools[:, l].to(layer.input_layernorm.weight.device)  # [B, N, d]
+                B, _, d = pool.shape
+                bos = self.bos_embedding[l].unsqueeze(0).expand(B, -1, -1)
+                kv.append(self.prefix_kv(l, torch.cat([bos, pool.new_zeros(B, R, d), pool], dim=1)))
+        return kv
 
     def _active_adapter_for(self, role: str) -> str | None:
         if self.config.lora_config is None:
@@ -279,25 +296,34 @@ class MemoryModel(nn.Module):
         positions they would have unpadded.
         """
         self.check_memory(memory)
+        kv, P = self.memory_prefix(memory)
+        mask_retrieved = self.config.kind == "mplus" and ltm_is_empty(memory)  # nothing to retrieve yet
+        return self._read_inputs(input_ids, attention_mask, kv, P, mask_retrieved)
+
+    def _read_inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                     kv: list[tuple[torch.Tensor, torch.Tensor]], P: int, mask_retrieved: bool) -> dict:
         B, T = input_ids.shape
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        kv, P = self.memory_prefix(memory)
         position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0) + P
         inputs = {"input_ids": input_ids, "position_ids": position_ids}
         if P == 0:
             inputs["attention_mask"] = attention_mask
             return inputs
-        cache = DynamicCache(config=self.lm.config)
-        for layer, (k, v) in zip(cache.layers, kv):
-            layer.lazy_initialization(k, v)
-            layer.keys, layer.values = k.expand(B, -1, -1, -1), v.expand(B, -1, -1, -1)
-        inputs["cache"] = cache
+        inputs["cache"] = prefilled_cache(self.lm.config, kv, B)
         prefix_mask = attention_mask.new_ones(B, P)
-        if self.config.kind == "mplus" and ltm_is_empty(memory):
-            prefix_mask[:, 1 : 1 + self.config.num_retrieved] = 0  # nothing to retrieve yet
+        if mask_retrieved:
+            prefix_mask[:, 1 : 1 + self.config.num_retrieved] = 0
         inputs["attention_mask"] = torch.cat([prefix_mask, attention_mask], dim=1)
         return inputs
+
+    def forward_pools(self, input_ids: torch.Tensor, pools: torch.Tensor, labels: torch.Tensor | None = None):
+        """Logits of input_ids [B, T] with row b reading memory pools[b] ([B, L, N, d]): one memory per
+        row, differentiable in the pools (training). No long-term memory is read."""
+        P = 1 + self.config.num_retrieved + pools.shape[2]
+        with self.adapter("decoder"):
+            inputs = self._read_inputs(input_ids, None, self.pool_prefix(pools), P, self.config.num_retrieved > 0)
+            return self.lm(**inputs, labels=labels, use_cache=True)
 
     @contextmanager
     def reading(self, memory: Memory, inputs: dict, trace: list | None = None) -> Iterator[None]:

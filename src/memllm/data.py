@@ -1,0 +1,136 @@
+"""Training text for memory models: documents in, fixed-length token windows out.
+
+Documents come from .txt files (one per file, or several separated by blank lines with
+`split_blank_lines`), .jsonl files (field "text") or a Hugging Face `datasets` name (streamed, first
+`max_documents`). They are tokenised with the model's own tokenizer and laid end to end in one token
+stream, separated by the tokenizer's EOS token, remembering where each document starts.
+
+The training objectives need, per batch row, n consecutive contexts of `length` tokens from one
+document (x1..xn) and sometimes contexts from other documents (distractors). Every window starts inside
+its document (at a random offset when the document is long enough, else at its start and running on
+into the next documents), so all windows have the same length and batches need no padding.
+Everything is drawn from a `random.Random` the caller seeds: the same seed gives the same windows on
+any machine and any number of processes.
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+import random
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+
+def read_documents(
+    paths: Sequence[str | Path],
+    split_blank_lines: bool = False,
+    text_field: str = "text",
+    max_documents: int | None = None,
+) -> list[str]:
+    """Documents from .txt / .jsonl files or dataset names ("name" or "name:config", split "train")."""
+    docs: list[str] = []
+    for source in paths:
+        path = Path(source)
+        if path.is_dir():
+            files = sorted(p for p in path.rglob("*") if p.suffix in (".txt", ".jsonl"))
+            docs += read_documents(files, split_blank_lines, text_field, None)
+        elif path.suffix == ".jsonl":
+            with open(path) as f:
+                for i, line in enumerate(f):
+                    if not line.strip():
+                        continue
+                    record = json.loads(line)
+                    if text_field not in record:
+                        raise ValueError(f"{path}:{i + 1} has no field {text_field!r}")
+                    docs.append(record[text_field])
+        elif path.suffix == ".txt" or path.is_file():
+            text = path.read_text()
+            docs += [p for p in text.split("\n\n")] if split_blank_lines else [text]
+        else:
+            docs += _dataset_documents(str(source), text_field, max_documents)
+    docs = [d.strip() for d in docs if d.strip()]
+    if not docs:
+        raise ValueError(f"no documents found in {', '.join(map(str, paths))}")
+    return docs[:max_documents] if max_documents else docs
+
+
+def _dataset_documents(name: str, text_field: str, max_documents: int | None) -> list[str]:
+    """The first documents of a Hugging Face dataset, streamed (so a 10 TB corpus costs nothing)."""
+    try:
+        import datasets
+    except ImportError as e:
+        raise ValueError(f"{name} is not a file, and the `datasets` package for dataset names is not installed") from e
+    dataset, _, config = name.partition(":")
+    stream = datasets.load_dataset(dataset, config or None, split="train", streaming=True)
+    limit = max_documents or 100_000
+    out = []
+    for record in stream:
+        out.append(record[text_field])
+        if len(out) >= limit:
+            break
+    return out
+
+
+@dataclass
+class TokenCorpus:
+    """All documents as one token stream [S] with each document's start offset."""
+
+    tokens: torch.Tensor  # [S] int64
+    starts: list[int]  # start of each document in `tokens`, ascending
+
+    @classmethod
+    def from_texts(cls, texts: Iterable[str], tokenizer) -> TokenCorpus:
+        """Tokenise with the model's tokenizer; documents are separated by its EOS token (if any)."""
+        eos = getattr(tokenizer, "eos_token_id", None)
+        pieces: list[int] = []
+        starts: list[int] = []
+        for text in texts:
+            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+            if not ids:
+                continue
+            starts.append(len(pieces))
+            pieces += ids + ([eos] if eos is not None else [])
+        return cls(torch.tensor(pieces, dtype=torch.long), starts)
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    def doc_length(self, i: int) -> int:
+        end = self.starts[i + 1] if i + 1 < len(self.starts) else self.tokens.numel()
+        return end - self.starts[i]
+
+    def window(self, doc: int, total: int, rng: random.Random) -> torch.Tensor:
+        """`total` consecutive tokens [total] starting in document `doc`."""
+        S = self.tokens.numel()
+        if total > S:
+            raise ValueError(f"the corpus has {S} tokens, fewer than the {total} one training example needs")
+        start = self.starts[doc]
+        slack = self.doc_length(doc) - total
+        start += rng.randint(0, slack) if slack > 0 else 0
+        start = min(start, S - total)  # the last documents run into the end of the stream: step back
+        return self.tokens[start : start + total]
+
+    def sample(self, rng: random.Random, num_contexts: int, length: int, exclude: int | None = None) -> tuple[int, torch.Tensor]:
+        """(document index, contexts [num_contexts, length]) of one document, x1..xn in order."""
+        doc = rng.randrange(len(self))
+        if exclude is not None and len(self) > 1:
+            while doc == exclude:
+                doc = rng.randrange(len(self))
+        return doc, self.window(doc, num_contexts * length, rng).view(num_contexts, length)
+
+    def doc_of(self, offset: int) -> int:
+        """Which document a stream offset falls in."""
+        return bisect.bisect_right(self.starts, offset) - 1
+
+
+def split_corpus(texts: Sequence[str], heldout_fraction: float, seed: int) -> tuple[list[str], list[str]]:
+    """(train, held-out) documents, a seeded random split."""
+    order = list(range(len(texts)))
+    random.Random(f"split:{seed}").shuffle(order)
+    n_held = round(len(texts) * heldout_fraction)
+    held = set(order[:n_held])
+    return [t for i, t in enumerate(texts) if i not in held], [t for i, t in enumerate(texts) if i in held]
