@@ -12,10 +12,10 @@ import torch
 
 from memllm import bench
 
-TINY = dict(
-    hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=128, vocab_size=256,
-    num_tokens=8, num_blocks=2, prompt_tokens=8, new_tokens=4, context_tokens=16,
-)
+TINY = {
+    "hidden_size": 64, "num_layers": 2, "num_heads": 4, "num_kv_heads": 2, "intermediate_size": 128, "vocab_size": 256,
+    "num_tokens": 8, "num_blocks": 2, "prompt_tokens": 8, "new_tokens": 4, "context_tokens": 16,
+}
 TIMINGS = [
     "ttft_reused_prefix_s", "ttft_recomputed_prefix_s", "ttft_speedup_reused_prefix", "prefix_s",
     "generate_32_s", "generate_32_recomputed_s", "inject_512_s",

@@ -88,20 +88,34 @@ def build_model(cfg: BenchConfig, seed: int = 0):
     return model.eval()
 
 
-def _median_s(fn: Callable[[], object], repeats: int, setup: Callable[[], object] | None = None) -> float:
-    """Median wall time (s) of fn over `repeats` runs after one warm-up; `setup` runs untimed before each."""
-    times = []
-    for i in range(repeats + 1):
-        if setup is not None:
-            setup()
-        t0 = time.perf_counter()
-        fn()
-        elapsed = time.perf_counter() - t0
-        if i:  # run 0 is the warm-up
-            times.append(elapsed)
-    times.sort()
+def _median(times: list[float]) -> float:
+    times = sorted(times)
     n = len(times)
     return times[n // 2] if n % 2 else (times[n // 2 - 1] + times[n // 2]) / 2
+
+
+Case = tuple[Callable[[], object] | None, Callable[[], object]]  # (untimed setup, timed call)
+
+
+def _interleaved_medians(cases: dict[str, Case], repeats: int) -> dict[str, float]:
+    """Median wall time (s) of every case over `repeats` rounds, after one warm-up round.
+
+    The cases run in turn within each round, in reverse order every other round (a, b, c, c, b, a,
+    ...), so that a change in the machine's load during the run hits every case alike and ratios
+    between them stay meaningful.
+    """
+    times: dict[str, list[float]] = {name: [] for name in cases}
+    order = list(cases.items())
+    for i in range(repeats + 1):
+        for name, (setup, fn) in order if i % 2 == 0 else order[::-1]:
+            if setup is not None:
+                setup()
+            t0 = time.perf_counter()
+            fn()
+            elapsed = time.perf_counter() - t0
+            if i:  # round 0 is the warm-up
+                times[name].append(elapsed)
+    return {name: _median(t) for name, t in times.items()}
 
 
 def run_bench(
@@ -154,16 +168,7 @@ def _run(cfg: BenchConfig, repeats: int, seed: int) -> dict:
     def cached() -> None:
         model.memory_prefix(memory)  # no-op when the prefix of this memory state is cached
 
-    # (a) time to first token: the prefill forward of generate's first step
-    ttft_reused = _median_s(lambda: generate(1), repeats, setup=cached)
-    ttft_recomputed = _median_s(lambda: generate(1), repeats, setup=model.clear_prefix_cache)
-    # the prefix alone: [bos ; memory] through every layer's norm, k/v projections and RoPE
-    prefix = _median_s(lambda: model.memory_prefix(memory), repeats, setup=model.clear_prefix_cache)
-    # (b) 32 greedy tokens end to end
-    gen_reused = _median_s(lambda: generate(cfg.new_tokens), repeats, setup=cached)
-    gen_recomputed = _median_s(lambda: generate(cfg.new_tokens), repeats, setup=model.clear_prefix_cache)
-
-    # (c) one injection of a 512-token context (delta memory + update), into a fresh copy each time
+    # (c) one injection (delta memory + update), into a fresh copy of the memory each time
     target = {}
 
     def fresh() -> None:
@@ -173,7 +178,21 @@ def _run(cfg: BenchConfig, repeats: int, seed: int) -> dict:
         updates = model.inject(target["memory"], context, chunk_size=cfg.context_tokens)
         assert updates == 1
 
-    inject_s = _median_s(inject, repeats, setup=fresh)
+    clear = model.clear_prefix_cache
+    load_before = _loadavg()
+    m = _interleaved_medians({
+        # (a) time to first token: the prefill forward of generate's first step
+        "ttft_reused": (cached, lambda: generate(1)),
+        "ttft_recomputed": (clear, lambda: generate(1)),
+        # the prefix alone: [bos ; memory] through every layer's norm, k/v projections and RoPE
+        "prefix": (clear, lambda: model.memory_prefix(memory)),
+        # (b) greedy tokens end to end, prefix cached (a session) or recomputed (first question after an update)
+        "gen_reused": (cached, lambda: generate(cfg.new_tokens)),
+        "gen_recomputed": (clear, lambda: generate(cfg.new_tokens)),
+        "inject": (fresh, inject),
+    }, repeats)
+    ttft_reused, ttft_recomputed, prefix = m["ttft_reused"], m["ttft_recomputed"], m["prefix"]
+    gen_reused, gen_recomputed, inject_s = m["gen_reused"], m["gen_recomputed"], m["inject"]
 
     import transformers
 
@@ -200,9 +219,16 @@ def _run(cfg: BenchConfig, repeats: int, seed: int) -> dict:
         "transformers": transformers.__version__,
         "python": platform.python_version(),
         "cpu_count": os.cpu_count(),
-        "loadavg_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+        # other processes on the machine slow every number down: the 1-minute load average (compare
+        # with cpu_count) before and after the timed rounds
+        "loadavg_1m_before": load_before,
+        "loadavg_1m_after": _loadavg(),
     }
     return {k: round(v, 4) if isinstance(v, float) else v for k, v in result.items()}
+
+
+def _loadavg() -> float | None:
+    return round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
 
 
 def _rows(c: dict) -> list[tuple[str, str, str | None]]:
