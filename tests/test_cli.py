@@ -87,3 +87,13 @@ def test_demo_runs_and_reload_is_identical(tmp_path: Path) -> None:
 
     result = run_demo(Console(file=open(tmp_path / "log", "w")), tmp_path)
     assert result["identical_after_reload"] is True
+
+
+def test_bench_passes_its_options_through_and_ends_with_json() -> None:
+    import json
+
+    r = run("bench", "--repeats", "1", "--hidden-size", "64", "--num-layers", "2", "--vocab-size", "256",
+            "--num-blocks", "2", "--num-tokens", "16", "--context-tokens", "32")
+    assert r.exit_code == 0, r.output
+    result = json.loads(r.stdout.strip().splitlines()[-1])
+    assert result["config"]["hidden_size"] == 64 and result["inject_512_s"] > 0

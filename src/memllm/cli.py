@@ -21,9 +21,6 @@ app = typer.Typer(help="Self-updatable language models: write text into a model'
                   no_args_is_help=True, pretty_exceptions_enable=False)
 memory_app = typer.Typer(help="Create, inspect and fork memories.", no_args_is_help=True)
 app.add_typer(memory_app, name="memory")
-bench_app = typer.Typer(help="Benchmarks: `memllm bench` (core speed), `memllm bench ltm` (long-term memory).",
-                        invoke_without_command=True)
-app.add_typer(bench_app, name="bench")
 
 console = Console(stderr=True)
 out = Console()
@@ -263,21 +260,32 @@ def demo(
     run_demo(out, workdir)
 
 
-@bench_app.callback()
-def bench(ctx: typer.Context, repeats: int = typer.Option(5, help="timed repetitions (median reported)")) -> None:
-    """Core speed: time to first token (prefix reused vs recomputed), 32 tokens, a 512-token injection."""
-    if ctx.invoked_subcommand is None:
+PASS_THROUGH = {"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []}
+
+
+@app.command(context_settings=PASS_THROUGH)
+def bench(ctx: typer.Context) -> None:
+    """Benchmarks. `memllm bench [OPTIONS]`: core speed (time to first token with the prefix reused vs
+    recomputed, 32 tokens, a 512-token injection; options of `python -m memllm.bench --help`).
+    `memllm bench ltm [SIZES]`: long-term memory retrieval, dense scan vs index."""
+    args = list(ctx.args)
+    if args[:1] == ["ltm"]:
+        from memllm.bench_ltm import main as ltm_main
+
+        ltm_main(args[1:])
+    else:
         from memllm.bench import main as bench_main
 
-        bench_main(repeats=repeats)
+        bench_main(args)
 
 
-@bench_app.command("ltm")
-def bench_ltm() -> None:
-    """Long-term memory retrieval: dense scan vs index at 15k, 150k, 1.5M vectors per layer."""
-    from memllm.bench_ltm import main as ltm_main
+@app.command(context_settings=PASS_THROUGH)
+def train(ctx: typer.Context) -> None:
+    """Train a memory model to use its memory (accelerate-native: run under `accelerate launch` for
+    several processes). Options are those of `python -m memllm.train --help`."""
+    from memllm.train import main as train_main
 
-    ltm_main()
+    train_main(ctx.args)
 
 
 def main() -> None:
