@@ -169,3 +169,21 @@ def test_init_turns_a_base_model_into_a_memory_model(tmp_path: Path) -> None:
     assert memory.initialized and memory.pool.shape == (2, 32, 64)
     again = memllm.load(memllm.save(model, tmp_path / "mem"))
     assert not again.new_memory().initialized
+
+
+def test_sharded_bfloat16_checkpoint_round_trip(tmp_path: Path) -> None:
+    """Released checkpoints are sharded with an index file and stored in bf16: both load, every key."""
+    model = random_model(lora_rank=4)
+    out = memllm.save(model, tmp_path / "sharded", max_shard_size="100KB")
+    assert (out / "model.safetensors.index.json").is_file() and len(list(out.glob("model-*.safetensors"))) > 1
+    again = memllm.load(out)
+    ids = _ids([4, 5, 6, 7])
+    with torch.no_grad():
+        assert torch.equal(model(ids, model.new_memory()).logits, again(ids, again.new_memory()).logits)
+    half = memllm.load(out, dtype="bfloat16")
+    memory = half.new_memory()
+    assert memory.pool.dtype == torch.bfloat16 and half.fingerprint == model.fingerprint
+    with torch.no_grad():
+        logits = half(ids, memory).logits
+        half.inject(memory, list(range(20, 40)))
+    assert logits.dtype == torch.bfloat16 and torch.isfinite(logits).all()
