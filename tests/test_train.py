@@ -187,7 +187,7 @@ def test_train_gradient_checkpointing_gives_same_gradients():
     grads = []
     for recompute in (False, True):
         model.zero_grad(set_to_none=True)
-        loss, _ = MemoryTraining(model, recompute).train()(contexts, pool, [True, True], kept)
+        loss, _, _ = MemoryTraining(model, recompute).train()(contexts, pool, [True, True], kept)
         loss.backward()
         grads.append([p.grad.clone() for p in params])
     for a, b in zip(*grads):

@@ -13,6 +13,33 @@ draws one objective by the configured shares:
 3. forgetting: inject x1 of document A, then distractor contexts of other documents, predict A's x2;
 4. plain LM: the full text read against the memory, no injection (keeps the base ability).
 
+M+ checkpoints also train the retriever (`query_proj`, `key_proj`, `encoder_query_proj`, always
+trained, whatever `train` says) with the retriever loss of SPEC §5, weighted by `retriever_weight`:
+
+- every pool row carries the id of the document it was written from (`pool_docs` [B, L, N], -1 for
+  the initial pool's rows), updated with the same kept indices as the pool;
+- decoder side: at the prediction, at every layer l, queries q = query_proj(ln_l(h_l)) from the hidden
+  states of the predicted tokens entering layer l; candidates = the pool after the injections plus the
+  rows dropped from it during this micro-step (a per-row buffer: the stand-in for the long-term memory,
+  see below); keys k = key_proj(ln_l(row)); score = mean over query tokens of sigmoid(q . k);
+  positives = candidates written from the predicted text's document (A's injections: A's x1 for the
+  forgetting objective), negatives = all the others (distractors, older rows, the initial pool);
+- encoder side: the same with encoder_query_proj and the hidden states of the context being injected
+  (encoder adapter) against the pool before that injection plus this micro-step's dropped rows;
+  positives = rows of the same document, i.e. A's earlier contexts. Only injections with such rows
+  contribute: in practice the continuous objective's x2..x(n-1), and any document met again;
+- loss per (row, layer) = (mean BCE over positives + mean BCE over negatives) / 2, averaged over the
+  (row, layer) pairs that have both; the hidden states and rows are detached and the layer norm is not
+  trained by it (the published `detach_hidden_state`), so this loss moves the projectors only.
+
+Long-term memory during training (a simplification of the published stage 3): the prediction reads
+the short-term memory only (the R retrieved slots stay masked, as with an empty LTM), and the
+retriever's candidates are the STM plus the rows dropped within the micro-step, not a full LTM. The
+trained checkpoint keeps the loaded model's long-term memory, its keys recomputed with the trained
+`key_proj`. Per step the metrics log `retriever/loss`, `retriever/encoder_loss` and the retriever's
+precision and recall of the related rows at top-k, k = the number of positives (the two are equal
+at that k), recall at top-R (R = the retrieval size) and chance (positives / candidates).
+
 Determinism: the objective, the windows, the memory resets and the dropped memory rows of a
 micro-step are functions of (seed, micro-step, global row), so a resumed run and a run on any number
 of processes (same global batch) train the same way. Dropout is the exception: set `dropout=0` for
@@ -27,6 +54,8 @@ import json
 import math
 import random
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,6 +67,8 @@ from torch.utils.checkpoint import checkpoint
 from memllm.data import TokenCorpus, read_documents
 from memllm.inject import delta_memory
 from memllm.model import MemoryModel
+
+RETRIEVER_PROJECTORS = ("query_proj", "key_proj", "encoder_query_proj")
 
 OBJECTIVES = ("new_knowledge", "continuous", "forgetting", "plain_lm")
 
@@ -65,6 +96,7 @@ class TrainConfig:
     continuous: float = 0.3
     forgetting: float = 0.2
     plain_lm: float = 0.1
+    retriever_weight: float = 1.0  # M+ only: weight of the retriever loss next to the LM loss
     context_len: int = 512  # tokens per context x_i
     min_contexts: int = 3  # continuous objective: n contexts, drawn from [min, max] ...
     max_contexts: int = 6
@@ -151,14 +183,110 @@ def write(pool: torch.Tensor, delta: torch.Tensor, kept: torch.Tensor) -> torch.
     return torch.cat([survivors, delta.to(pool.dtype)], dim=2)
 
 
+def write_docs(pool_docs: torch.Tensor, doc: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+    """The document ids of the pool rows after `write`: pool_docs [B, L, N], doc [B] (the injected
+    context's document), kept [B, L, N-K] -> [B, L, N]."""
+    B, L, N = pool_docs.shape
+    K = N - kept.shape[-1]
+    return torch.cat([pool_docs.gather(2, kept), doc.view(B, 1, 1).expand(B, L, K).to(pool_docs)], dim=2)
+
+
+def dropped_rows(kept: torch.Tensor, N: int) -> torch.Tensor:
+    """The indices [B, L, K] (ascending) of the rows an update with kept [B, L, N-K] drops."""
+    B, L, _ = kept.shape
+    mask = torch.ones(B, L, N, dtype=torch.bool, device=kept.device)
+    mask.scatter_(2, kept, False)
+    return mask.nonzero()[:, 2].view(B, L, -1)
+
+
+@contextmanager
+def layer_inputs(model: MemoryModel, captured: dict[int, torch.Tensor], last: int) -> Iterator[None]:
+    """Capture (detached) the last `last` rows of the hidden states entering every decoder layer, as
+    they arrive (before any other pre-hook of the forward changes them)."""
+
+    def hook_for(l: int):
+        def hook(module, args, kwargs):
+            hidden = args[0] if args else kwargs["hidden_states"]
+            captured[l] = hidden[:, -last:].detach()
+        return hook
+
+    handles = [layer.register_forward_pre_hook(hook_for(l), with_kwargs=True) for l, layer in enumerate(model.layers)]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def retriever_loss(
+    model: MemoryModel,
+    hidden: dict[int, torch.Tensor],  # layer -> [B, T, d] hidden states entering the layer (queries)
+    candidates: torch.Tensor,  # [B, L, C, d] memory rows
+    positive: torch.Tensor,  # [B, L, C] bool: related rows
+    projector: str = "query_proj",  # or "encoder_query_proj"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """M+ retriever loss (SPEC §5) and its statistics.
+
+    score = mean over query tokens of sigmoid(projector(ln(h)) . key_proj(ln(row))); per (row, layer)
+    the BCE is averaged over the positives and over the negatives, and the two means averaged.
+    Returns (mean loss over the (row, layer) pairs with positives and negatives, differentiable in the
+    projectors; stats [6] = [loss sum, pairs, precision@k sum, recall@k sum, recall@R sum, chance sum]
+    with k = positives of the pair, R = the model's retrieval size).
+    """
+    R = model.config.num_retrieved
+    losses, stats = [], torch.zeros(6, dtype=torch.float64)
+    for l, layer in enumerate(model.layers):
+        attn = layer.self_attn
+        dev = layer.input_layernorm.weight.device
+        with torch.no_grad():  # the published retriever reads detached hidden states
+            hq = layer.input_layernorm(hidden[l].to(dev))
+            hk = layer.input_layernorm(candidates[:, l].detach().to(dev, hq.dtype))
+        q = getattr(attn, projector)(hq).float()  # [B, T, s]
+        k = attn.key_proj(hk).float()  # [B, C, s]
+        pos = positive[:, l].to(dev)
+        npos, nneg = pos.sum(-1), (~pos).sum(-1)
+        valid = (npos > 0) & (nneg > 0)
+        if not bool(valid.any()):
+            continue
+        # Clamped at +-30, where sigmoid is saturated to 1e-13 anyway: beyond, CPUs crawl through denormals.
+        logits = (q @ k.transpose(1, 2)).clamp(-30, 30)  # [B, T, C]
+        # BCE of score = mean_t sigmoid(logit), in log space: log score = logsumexp_t logsigmoid(x) - log T and
+        # log(1 - score) = logsumexp_t logsigmoid(-x) - log T (exact; no log(0), no NaN gradients, no denormals)
+        log_t = math.log(logits.shape[1])
+        log_score = torch.logsumexp(nn.functional.logsigmoid(logits), dim=1) - log_t  # [B, C]
+        log_miss = torch.logsumexp(nn.functional.logsigmoid(-logits), dim=1) - log_t
+        scores = log_score.detach()  # ranking
+        bce = torch.where(pos, -log_score, -log_miss)
+        zero = torch.zeros_like(bce)
+        pos_mean = torch.where(pos, bce, zero).sum(-1) / npos.clamp(min=1)
+        neg_mean = torch.where(pos, zero, bce).sum(-1) / nneg.clamp(min=1)
+        pair = 0.5 * (pos_mean + neg_mean)[valid]
+        losses.append(pair)
+        with torch.no_grad():
+            rank = scores.argsort(dim=-1, descending=True).argsort(dim=-1)  # 0 = best
+            hits_k = (pos & (rank < npos.unsqueeze(-1))).sum(-1).double()
+            hits_r = (pos & (rank < R)).sum(-1).double() if R else torch.zeros_like(hits_k)
+            n = npos.double()
+            stats += torch.stack([
+                pair.detach().double().sum().cpu(), valid.sum().double().cpu(),
+                (hits_k / n)[valid].sum().cpu(), (hits_k / n)[valid].sum().cpu(), (hits_r / n)[valid].sum().cpu(),
+                (n / pos.shape[-1])[valid].sum().cpu(),
+            ])
+    if not losses:
+        return candidates.new_zeros((), dtype=torch.float32), stats
+    return torch.cat(losses).mean(), stats
+
+
 class MemoryTraining(nn.Module):
     """The whole training computation of one micro-step as one module forward: injections, the
-    prediction and its loss. One forward per backward is what DDP / FSDP wrappers expect."""
+    prediction and its loss (plus, for M+, the retriever loss). One forward per backward is what
+    DDP / FSDP wrappers expect."""
 
-    def __init__(self, model: MemoryModel, gradient_checkpointing: bool = False) -> None:
+    def __init__(self, model: MemoryModel, gradient_checkpointing: bool = False, retriever_weight: float = 1.0) -> None:
         super().__init__()
         self.model = model
         self.gradient_checkpointing = gradient_checkpointing
+        self.retriever_weight = retriever_weight
 
     def forward(
         self,
@@ -167,35 +295,90 @@ class MemoryTraining(nn.Module):
         grad: list[bool],  # per injected context: does the gradient flow through its injection
         kept: torch.Tensor,  # [n-1, B, L, N-K] rows surviving each injection
         plain: bool = False,  # plain LM: no injection, predict all contexts as one text
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(loss, pool after the injections, detached)."""
+        docs: torch.Tensor | None = None,  # [B, n] document of each context (M+ retriever loss)
+        pool_docs: torch.Tensor | None = None,  # [B, L, N] document of each pool row, -1: unknown
+    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+        """(loss, pool after the injections (detached), info).
+
+        info: "lm_loss" (detached); with docs and pool_docs also "pool_docs" after the injections; for
+        an M+ model with docs, "retriever" and "encoder" [6] statistics (see `retriever_loss`) and the
+        loss includes retriever_weight * (decoder + encoder retriever losses).
+        """
         model = self.model
         B, n, T = contexts.shape
+        N = pool.shape[2]
+        track = docs is not None and pool_docs is not None
+        retriever = track and model.config.kind == "mplus" and self.retriever_weight > 0
+        encoder = retriever and model.config.add_encoder_retriever
+        info: dict[str, Any] = {}
+        extra = []  # retriever losses
+        drop_rows: list[torch.Tensor] = []  # rows dropped in this micro-step [B, L, K, d]
+        drop_docs: list[torch.Tensor] = []
         if plain:
+            captured: dict[int, torch.Tensor] = {}
             text = contexts.reshape(B, n * T)
-            return self._read(pool, text), pool
-        for i in range(n - 1):
-            ids = contexts[:, i]
-            if grad[i]:
-                delta = self._inject(pool, ids)  # [B, L, K, d]
-            else:
-                with torch.no_grad():
-                    delta = delta_memory(model, pool.detach(), ids)
-            pool = write(pool, delta, kept[i])
-        return self._read(pool, contexts[:, -1]), pool.detach()
+            loss = self._read(pool, text, captured if retriever else None)
+        else:
+            for i in range(n - 1):
+                ids = contexts[:, i]
+                captured = {}
+                if grad[i]:
+                    delta = self._inject(pool, ids, captured if encoder else None)  # [B, L, K, d]
+                else:
+                    with torch.no_grad(), layer_inputs(model, captured, T) if encoder else _nothing():
+                        delta = delta_memory(model, pool.detach(), ids)
+                if encoder:
+                    cand = torch.cat([pool.detach(), *drop_rows], dim=2)
+                    cand_docs = torch.cat([pool_docs, *drop_docs], dim=2)
+                    positive = (cand_docs == docs[:, i].view(B, 1, 1)) & (cand_docs >= 0)
+                    if bool(positive.any()):
+                        e_loss, e_stats = retriever_loss(model, captured, cand, positive, "encoder_query_proj")
+                        extra.append(e_loss)
+                        info["encoder"] = info.get("encoder", 0) + e_stats
+                if track:
+                    gone = dropped_rows(kept[i], N)  # [B, L, K]
+                    drop_rows.append(pool.detach().gather(2, gone.unsqueeze(-1).expand(-1, -1, -1, pool.shape[-1])))
+                    drop_docs.append(pool_docs.gather(2, gone))
+                    pool_docs = write_docs(pool_docs, docs[:, i], kept[i])
+                pool = write(pool, delta, kept[i])
+            captured = {}
+            loss = self._read(pool, contexts[:, -1], captured if retriever else None)
+        info["lm_loss"] = loss.detach()
+        if retriever:
+            cand = torch.cat([pool.detach(), *drop_rows], dim=2)
+            cand_docs = torch.cat([pool_docs, *drop_docs], dim=2)
+            positive = (cand_docs == docs[:, -1].view(B, 1, 1)) & (cand_docs >= 0)
+            r_loss, info["retriever"] = retriever_loss(model, captured, cand, positive, "query_proj")
+            extra.append(r_loss)
+            info.setdefault("encoder", torch.zeros(6, dtype=torch.float64))
+        if extra:
+            loss = loss + self.retriever_weight * sum(extra)
+        if track:
+            info["pool_docs"] = pool_docs
+        return loss, pool.detach(), info
 
-    def _inject(self, pool: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    def _inject(self, pool: torch.Tensor, ids: torch.Tensor, captured: dict | None = None) -> torch.Tensor:
+        def inject(pool: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+            with layer_inputs(self.model, captured, ids.shape[1]) if captured is not None else _nothing():
+                return delta_memory(self.model, pool, ids)
+
         if self.gradient_checkpointing and torch.is_grad_enabled():
-            return checkpoint(delta_memory, self.model, pool, ids, use_reentrant=False)
-        return delta_memory(self.model, pool, ids)
+            return checkpoint(inject, pool, ids, use_reentrant=False)
+        return inject(pool, ids)
 
-    def _read(self, pool: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    def _read(self, pool: torch.Tensor, ids: torch.Tensor, captured: dict | None = None) -> torch.Tensor:
         def loss(pool: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-            return read(self.model, pool, ids, labels=ids).loss
+            with layer_inputs(self.model, captured, ids.shape[1]) if captured is not None else _nothing():
+                return read(self.model, pool, ids, labels=ids).loss
 
         if self.gradient_checkpointing and torch.is_grad_enabled():
             return checkpoint(loss, pool, ids, use_reentrant=False)
         return loss(pool, ids)
+
+
+@contextmanager
+def _nothing() -> Iterator[None]:
+    yield
 
 
 # ---- batches ---------------------------------------------------------------------------------------
@@ -208,6 +391,7 @@ class MicroBatch:
     grad: list[bool]  # per injection
     kept: torch.Tensor  # [n-1, B, L, N-K]
     reset: list[bool]  # per row: restart this row's memory from the initial pool first
+    docs: torch.Tensor | None = None  # [B, n] corpus document of each context (where its window starts)
 
 
 def objective_at(cfg: TrainConfig, micro_step: int) -> str:
@@ -240,27 +424,31 @@ def make_batch(cfg: TrainConfig, corpus: TokenCorpus, model: MemoryModel, micro_
         n = cfg.num_distractors + 2
         grad = [True] + [False] * cfg.num_distractors
     L, N, K = model.num_layers, model.config.num_memory_tokens, model.config.num_tokens
-    contexts, kept, reset = [], [], []
+    contexts, kept, reset, docs = [], [], [], []
     for g in rows:
         rng = random.Random(f"row:{cfg.seed}:{micro_step}:{g}")
         if objective == "forgetting":
             doc, x = corpus.sample(rng, 2, T)
-            others = [corpus.sample(rng, 1, T, exclude=doc)[1] for _ in range(cfg.num_distractors)]
-            x = torch.cat([x[:1], *others, x[1:]])
+            others = [corpus.sample(rng, 1, T, exclude=doc) for _ in range(cfg.num_distractors)]
+            x = torch.cat([x[:1], *(o[1] for o in others), x[1:]])
+            docs.append([doc, *(o[0] for o in others), doc])
         else:
-            x = corpus.sample(rng, n, T)[1]
+            doc, x = corpus.sample(rng, n, T)
+            docs.append([doc] * n)
         contexts.append(x)  # [n, T]
         kept.append(torch.stack([kept_rows(L, N, K, rng.getrandbits(63), model.config.drop_memory_per_layer, x.device)
                                  for _ in range(n - 1)]))  # [n-1, L, N-K]
         reset.append(rng.random() < cfg.memory_reset_prob)
-    return MicroBatch(objective, torch.stack(contexts), grad, torch.stack(kept, dim=1), reset)
+    return MicroBatch(objective, torch.stack(contexts), grad, torch.stack(kept, dim=1), reset,
+                      torch.tensor(docs, dtype=torch.long))
 
 
 # ---- what is trained -------------------------------------------------------------------------------
 
 
 def trainable_parameters(model: MemoryModel, what: str) -> list[nn.Parameter]:
-    """Set requires_grad: LoRA adapters (both) or everything, plus the bos and positional vectors."""
+    """Set requires_grad: LoRA adapters (both) or everything, plus the bos and positional vectors,
+    plus (M+) the retriever projectors."""
     if what not in ("lora", "full"):
         raise ValueError(f"train must be 'lora' or 'full', got {what!r}")
     if what == "lora" and model.config.lora_config is None:
@@ -269,7 +457,35 @@ def trainable_parameters(model: MemoryModel, what: str) -> list[nn.Parameter]:
         p.requires_grad_(what == "full" or "lora_" in name)
     model.bos_embedding.requires_grad_(True)
     model.new_memory_positional_emb.requires_grad_(True)
+    if model.config.kind == "mplus":
+        for layer in model.layers:
+            for name in RETRIEVER_PROJECTORS:
+                if hasattr(layer.self_attn, name):
+                    getattr(layer.self_attn, name).requires_grad_(True)
     return [p for p in model.parameters() if p.requires_grad]
+
+
+@torch.no_grad()
+def refresh_ltm_keys(model: MemoryModel, chunk: int = 8192) -> None:
+    """Recompute the retrieval keys of the model's initial long-term memory (and its cache of dropped
+    rows) with the current key_proj: after training the retriever the stored keys are stale."""
+    ltm = getattr(model, "initial_ltm", None)
+    if ltm is None:
+        return
+
+    def keys(l: int, rows: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        layer = model.layers[l]
+        dev = layer.input_layernorm.weight.device
+        out = [layer.self_attn.key_proj(layer.input_layernorm(part.to(dev, model.dtype))).to("cpu", like.dtype)
+               for part in rows.split(chunk)]
+        return torch.cat(out) if out else like.new_empty(0, like.shape[-1])
+
+    for l, st in enumerate(ltm.layers):
+        if st.num_ltm:
+            st.keys = keys(l, st.vectors, st.keys)
+        if st.num_cached:
+            st.cache_key_chunks[:] = [keys(l, st.cache_vectors, st.keys)]
+    ltm.indexes = [None] * len(ltm.layers)
 
 
 def set_dropout(model: nn.Module, p: float) -> None:
@@ -299,9 +515,17 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],  # objectives use different parts
     )
     torch.manual_seed(cfg.seed)
+    # CPU: flush denormal floats to zero while training. The retriever's saturated sigmoids give tiny
+    # gradients whose squares (Adam) are denormal, and CPUs compute on denormals ~10x slower.
+    flush_denormal = acc.device.type == "cpu" and torch.set_flush_denormal(True)
     model = ckpt.load(cfg.model, dtype=torch.float32, load_tokenizer=True)
-    if model.config.kind != "memoryllm":
-        raise ValueError("training M+ (retriever loss, long-term memory) is not implemented; MemoryLLM only")
+    mplus = model.config.kind == "mplus"
+    if mplus and getattr(model, "initial_ltm", None) is None:
+        from memllm.ltm import LongTermMemory
+        from memllm.mplus import ltm_config
+
+        model.initial_ltm = LongTermMemory.empty(ltm_config(model), model.num_layers, model.hidden_size,
+                                                 model.config.selector_hidden_dim)
     if model.tokenizer is None:
         raise ValueError(f"{cfg.model} has no tokenizer: training needs one to read the text")
     model.to(acc.device)
@@ -310,7 +534,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     corpus = TokenCorpus.from_texts(read_documents(cfg.data, cfg.split_blank_lines, max_documents=cfg.max_documents),
                                     model.tokenizer)
     params = trainable_parameters(model, cfg.train)
-    module = MemoryTraining(model, cfg.gradient_checkpointing).train()
+    module = MemoryTraining(model, cfg.gradient_checkpointing, cfg.retriever_weight).train()
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
     def schedule(step: int) -> float:  # linear warm-up, cosine decay to 10%
@@ -326,6 +550,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     rows = range(rank * B, (rank + 1) * B)  # global row indices of this process
     initial = model.initial_pool.detach()  # [L, N, d]
     pools = initial.unsqueeze(0).repeat(B, 1, 1, 1)  # [B, L, N, d] one memory per row
+    pool_docs = torch.full(pools.shape[:3], -1, dtype=torch.long, device=acc.device)  # which document wrote each row
     step = 0
     state_dir = out / "state"
     if cfg.resume and (state_dir / "latest").is_file():
@@ -333,6 +558,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         acc.load_state(str(last))
         step = json.loads((last / "trainer.json").read_text())["step"]
         pools = torch.load(last / f"pools_rank{rank}.pt", map_location=acc.device)
+        if (last / f"pool_docs_rank{rank}.pt").is_file():
+            pool_docs = torch.load(last / f"pool_docs_rank{rank}.pt", map_location=acc.device)
 
     if acc.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
@@ -342,6 +569,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 
         bar = tqdm(total=cfg.steps, initial=step, desc="train", dynamic_ncols=True)
     window: dict[str, list[float]] = {}
+    retr_window = {"retriever": torch.zeros(6, dtype=torch.float64), "encoder": torch.zeros(6, dtype=torch.float64)}
     last_log: dict[str, float] = {}
     t0 = time.perf_counter()
     end = cfg.steps if cfg.stop_after is None else min(cfg.steps, cfg.stop_after)
@@ -353,22 +581,32 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             for b, reset in enumerate(batch.reset):
                 if reset:
                     pools[b] = initial
+                    pool_docs[b] = -1
             with acc.accumulate(module):
-                loss, pools = module(batch.contexts.to(acc.device), pools, batch.grad, batch.kept.to(acc.device),
-                                     plain=batch.objective == "plain_lm")
+                loss, pools, info = module(batch.contexts.to(acc.device), pools, batch.grad, batch.kept.to(acc.device),
+                                           plain=batch.objective == "plain_lm", docs=batch.docs.to(acc.device),
+                                           pool_docs=pool_docs)
                 acc.backward(loss)
                 if acc.sync_gradients and cfg.max_grad_norm:
                     acc.clip_grad_norm_(params, cfg.max_grad_norm)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-            pools = pools.detach()
-            window.setdefault(batch.objective, []).append(acc.reduce(loss.detach(), "mean").item())
+            pools, pool_docs = pools.detach(), info["pool_docs"]
+            window.setdefault(batch.objective, []).append(acc.reduce(info["lm_loss"], "mean").item())
+            if mplus:  # sums over every process (each may have a different number of scored pairs)
+                for key in retr_window:
+                    stats = info.get(key, torch.zeros(6, dtype=torch.float64)).to(acc.device)
+                    retr_window[key] += acc.reduce(stats, "sum").cpu()
         scheduler.step()
         step += 1
         if step % cfg.log_every == 0 or step == end:
             last_log = {k: sum(v) / len(v) for k, v in window.items()}
             record = {"step": step, "lr": scheduler.get_last_lr()[0], "time_s": round(time.perf_counter() - t0, 3),
                       **{f"loss/{k}": v for k, v in last_log.items()}}
+            if mplus:
+                record.update(retriever_record(retr_window))
+                last_log.update({k: v for k, v in record.items() if k.endswith("loss")})
+                retr_window = {k: torch.zeros_like(v) for k, v in retr_window.items()}
             if acc.is_main_process:
                 with open(out / "metrics.jsonl", "a") as f:
                     f.write(json.dumps(record) + "\n")
@@ -378,7 +616,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         if bar is not None:
             bar.update(1)
         if step % cfg.save_every == 0 or step == end:
-            save_state(acc, state_dir, step, pools)
+            save_state(acc, state_dir, step, pools, pool_docs)
     if bar is not None:
         bar.close()
 
@@ -394,19 +632,39 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         with torch.no_grad():  # the memory of row 0 becomes the checkpoint's trained initial pool
             unwrapped.initial_pool.copy_(pools[0])
         unwrapped.initialized = True
+        if mplus:
+            refresh_ltm_keys(unwrapped)
         ckpt.save(unwrapped, out / "model")
         result["model"] = str(out / "model")
     acc.wait_for_everyone()
     acc.end_training()
+    if flush_denormal:
+        torch.set_flush_denormal(False)  # the process default
     return result
 
 
-def save_state(acc, state_dir: Path, step: int, pools: torch.Tensor) -> None:
-    """Resumable state: accelerate's (model, optimizer, scheduler, RNG), each rank's memories, the step.
-    `latest` is written last, so an interrupted save leaves the previous state in force."""
+def retriever_record(window: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Metrics of summed `retriever_loss` statistics: decoder side `retriever/...`, encoder side
+    `retriever/encoder_...`; absent where no (row, layer) pair was scored."""
+    out = {}
+    for key, prefix in (("retriever", "retriever/"), ("encoder", "retriever/encoder_")):
+        total, pairs, prec, rec, rec_r, chance = window[key].tolist()
+        if pairs:
+            out.update({f"{prefix}loss": total / pairs, f"{prefix}precision@k": prec / pairs,
+                        f"{prefix}recall@k": rec / pairs, f"{prefix}recall@R": rec_r / pairs,
+                        f"{prefix}chance@k": chance / pairs, f"{prefix}pairs": int(pairs)})
+    return out
+
+
+def save_state(acc, state_dir: Path, step: int, pools: torch.Tensor, pool_docs: torch.Tensor | None = None) -> None:
+    """Resumable state: accelerate's (model, optimizer, scheduler, RNG), each rank's memories (and the
+    documents of their rows), the step. `latest` is written last, so an interrupted save leaves the
+    previous state in force."""
     path = state_dir / f"step_{step:08d}"
     acc.save_state(str(path))
     torch.save(pools.cpu(), path / f"pools_rank{acc.process_index}.pt")
+    if pool_docs is not None:
+        torch.save(pool_docs.cpu(), path / f"pool_docs_rank{acc.process_index}.pt")
     acc.wait_for_everyone()
     if acc.is_main_process:
         (path / "trainer.json").write_text(json.dumps({"step": step}))
@@ -432,6 +690,27 @@ def memory_loss(model: MemoryModel, contexts: torch.Tensor, seed: int = 0) -> fl
     return read(model, pool, contexts[:, 1], labels=contexts[:, 1]).loss.item()
 
 
+@torch.no_grad()
+def retriever_metrics(model: MemoryModel, contexts: torch.Tensor, num_distractors: int = 2,
+                      seed: int = 0) -> dict[str, float]:
+    """M+: the retriever on the forgetting task from a fresh memory; contexts [D, 2, T] are (x1, x2) of D
+    distinct documents. Row i injects x1 of document i, then x1 of the next `num_distractors`
+    documents, then predicts x2 of document i. Returns the decoder-side `retriever_record` metrics."""
+    D = contexts.shape[0]
+    n = num_distractors + 2
+    ids = torch.stack([torch.stack([contexts[i, 0], *(contexts[(i + j) % D, 0] for j in range(1, n - 1)),
+                                    contexts[i, 1]]) for i in range(D)])
+    docs = torch.tensor([[i, *((i + j) % D for j in range(1, n - 1)), i] for i in range(D)])
+    pool = model.initial_pool.detach().unsqueeze(0).repeat(D, 1, 1, 1)
+    pool_docs = torch.full(pool.shape[:3], -1, dtype=torch.long)
+    L, N, K = model.num_layers, model.config.num_memory_tokens, model.config.num_tokens
+    kept = torch.stack([torch.stack([kept_rows(L, N, K, seed + 1000 * s + i, True, pool.device) for i in range(D)])
+                        for s in range(n - 1)])  # [n-1, D, L, N-K]
+    module = MemoryTraining(model)
+    _, _, info = module(ids.to(model.device), pool, [False] * (n - 1), kept, docs=docs, pool_docs=pool_docs)
+    return retriever_record({"retriever": info["retriever"], "encoder": torch.zeros(6, dtype=torch.float64)})
+
+
 def bench_train_step(
     model: MemoryModel | None = None, batch_size: int = 4, context_len: int = 256, repeats: int = 5
 ) -> dict[str, float]:
@@ -452,7 +731,7 @@ def bench_train_step(
     kept = torch.stack([kept_rows(L, N, K, b, True, pool.device) for b in range(batch_size)]).unsqueeze(0)
 
     def memory_step() -> None:
-        loss, _ = module(contexts, pool, [True], kept)
+        loss, _, _ = module(contexts, pool, [True], kept)
         loss.backward()
 
     def lm_step() -> None:
