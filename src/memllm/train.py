@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import json
 import math
 import random
@@ -508,12 +509,17 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     from memllm import checkpoint as ckpt
 
     out = Path(cfg.out)
+    tensorboard = importlib.util.find_spec("tensorboard") is not None  # optional: JSONL always
     acc = Accelerator(
+        log_with="tensorboard" if tensorboard else None,
+        project_dir=cfg.out,
         mixed_precision=cfg.mixed_precision,
         gradient_accumulation_steps=cfg.grad_accum,
         step_scheduler_with_optimizer=False,  # we step it once per optimizer step, whatever the process count
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],  # objectives use different parts
     )
+    if tensorboard:
+        acc.init_trackers("tensorboard")
     torch.manual_seed(cfg.seed)
     # CPU: flush denormal floats to zero while training. The retriever's saturated sigmoids give tiny
     # gradients whose squares (Adam) are denormal, and CPUs compute on denormals ~10x slower.
@@ -610,6 +616,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             if acc.is_main_process:
                 with open(out / "metrics.jsonl", "a") as f:
                     f.write(json.dumps(record) + "\n")
+            if tensorboard:
+                acc.log({k: v for k, v in record.items() if k != "step"}, step=step)
             if bar is not None:
                 bar.set_postfix({k[:6]: f"{v:.3f}" for k, v in last_log.items()})
             window = {}
