@@ -118,3 +118,22 @@ def test_ltm_of_1_5m_vectors_per_layer_saves_sharded_loads_mapped_and_answers(tm
     loaded.save(path, shard_bytes=128 << 20)  # a new generation replaces the old shards
     assert sorted(p.name for p in tmp_path.glob("big.mem.*.ltm-*.safetensors")) != shards
     assert len(list(tmp_path.glob("big.mem.*.ltm-*.safetensors"))) == model.num_layers
+
+
+def test_stm_ages_switch_published_vs_growing() -> None:
+    """Published: short-term ages never grow. `stm_ages_grow`: kept vectors age by K per update."""
+    published = random_model(kind="mplus", num_blocks=6, num_ltm_blocks=2, seed=4)
+    growing = random_model(kind="mplus", num_blocks=6, num_ltm_blocks=2, seed=4)
+    growing.config.stm_ages_grow = True
+    K = published.config.num_tokens
+    ages = {}
+    for name, m in (("published", published), ("growing", growing)):
+        memory = m.new_memory()
+        with torch.no_grad():
+            for i in range(3):
+                m.inject(memory, list(range(40 + i, 60 + i)))
+        ages[name] = memory.stm_ages
+    assert int(ages["published"].max()) == K - 1
+    assert int(ages["growing"].max()) >= 2 * K  # a row kept through two later updates
+    assert torch.equal(ages["growing"][:, -K:], ages["published"][:, -K:])  # the newest rows agree
+    assert growing.config.to_hf_dict()["stm_ages_grow"] is True

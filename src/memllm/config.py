@@ -55,6 +55,11 @@ class MemoryConfig:
     add_encoder_retriever: bool = False
     map_from_hidden_states: bool = True
     detach_hidden_state: bool = True
+    # memllm's fix of a quirk of the published code, whose short-term ages never grow (so a dropped
+    # vector's age is its 0..K-1 index from its own injection). False reproduces the published
+    # behaviour, which mplus-8b was trained with; True ages short-term vectors by K per update, so
+    # the oldest-first order of retrieved vectors is their true order.
+    stm_ages_grow: bool = False
 
     @property
     def num_memory_tokens(self) -> int:
@@ -90,7 +95,7 @@ class MemoryConfig:
                 "num_ltm_blocks", "ltm_initial_size", "update_ltm_mode", "update_ltm_frequency",
                 "decay_frequency", "initial_rf_when_moving_stm_to_ltm", "add_selector",
                 "selector_hidden_dim", "num_selector_layers", "add_encoder_retriever",
-                "map_from_hidden_states", "detach_hidden_state",
+                "map_from_hidden_states", "detach_hidden_state", "stm_ages_grow",
             ]:
                 out.pop(name)
         return out

@@ -51,9 +51,9 @@ def move_dropped_to_ltm(model: "MemoryModel", memory: Memory, kept: torch.Tensor
             layer = model.layers[l]
             keys = layer.self_attn.key_proj(layer.input_layernorm(rows.to(layer.input_layernorm.weight.device)))
             memory.ltm.add_dropped(l, rows.cpu(), keys.float().cpu(), memory.stm_ages[l, dropped].cpu())
-            # The authors' STM ages never grow: a kept row keeps its age, new rows get K-1 .. 0.
-            new_ages.append(torch.cat([memory.stm_ages[l, kept[l]],
-                                       torch.arange(k - 1, -1, -1, device=memory.stm_ages.device)]))
+            # Published behaviour: STM ages never grow (a kept row keeps its age); new rows get K-1 .. 0.
+            kept_ages = memory.stm_ages[l, kept[l]] + (k if model.config.stm_ages_grow else 0)
+            new_ages.append(torch.cat([kept_ages, torch.arange(k - 1, -1, -1, device=memory.stm_ages.device)]))
     memory.stm_ages = torch.stack(new_ages)
     return memory.ltm.finish_update(k)
 
