@@ -747,17 +747,17 @@ def bench_train_step(
             ids = contexts.reshape(batch_size, -1)
             model.lm(input_ids=ids, labels=ids).loss.backward()
 
-    def timed(fn) -> float:
-        fn()  # warm-up
-        times = []
-        for _ in range(repeats):
-            model.zero_grad(set_to_none=True)
-            t = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t)
-        return sorted(times)[len(times) // 2]
+    def once(fn) -> float:
+        model.zero_grad(set_to_none=True)
+        t = time.perf_counter()
+        fn()
+        return time.perf_counter() - t
 
-    lm_s, mem_s = timed(lm_step), timed(memory_step)
+    lm_step(), memory_step()  # warm-up
+    # The two steps take turns, so a change in the machine's load hits both alike.
+    times = [(once(lm_step), once(memory_step)) for _ in range(repeats)]
+    lm_s = sorted(t[0] for t in times)[repeats // 2]
+    mem_s = sorted(t[1] for t in times)[repeats // 2]
     return {"batch_size": batch_size, "context_len": context_len, "memory_vectors": N, "written_per_injection": K,
             "lm_step_s": lm_s, "memory_step_s": mem_s, "memory_step_over_lm_step": mem_s / lm_s}
 
