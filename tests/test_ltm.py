@@ -183,6 +183,19 @@ def test_index_members_cover_all_rows() -> None:
     assert sorted(idx.candidates(torch.randn(2, 8)).tolist()) == list(range(700))
 
 
+def test_index_two_level_assignment_is_nearest_when_all_cells_probed() -> None:
+    keys, _ = synthetic_keys_queries(6000, 16, 1, seed=5, spec=SyntheticSpec(keys_per_cluster=64))
+    idx = LTMIndex(nlist=100, coarse_lists=5, coarse_probe=5).build(keys)
+    assert idx.centroids.shape[0] == 100 and idx.size == 6000
+    d2 = torch.cdist(keys, idx.centroids) ** 2
+    nearest = d2.argmin(dim=1).numpy()
+    assert (idx._assign == nearest).mean() > 0.999  # ties / float rounding aside
+    # per-key squared distances feed the per-list spread used to rank lists
+    torch.testing.assert_close(torch.from_numpy(idx._sq_dist), d2.min(dim=1).values, atol=1e-3, rtol=1e-3)
+    # bf16 keys (no float32 copy of the whole matrix) build too
+    assert LTMIndex(nlist=100, coarse_lists=5).build(keys.to(torch.bfloat16)).size == 6000
+
+
 # --------------------------------------------------------------------------- save / load
 def test_state_dict_roundtrip_without_copy(tmp_path: Path) -> None:
     cfg = LTMConfig(num_tokens=2, num_ltm_blocks=1, update_ltm_frequency=3)

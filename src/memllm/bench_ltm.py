@@ -11,12 +11,18 @@ top-R set is decided by noise and no partition-based index can find it without v
 the data; such a benchmark would only measure that pathological case. The cluster structure here
 is an assumption, not a measurement of real M+ keys; the exact path makes no such assumption.
 
+Recall is measured on ``num_queries`` = 8 queries over the same keys (the first is the one
+:func:`synthetic_keys_queries` returns, the others come from :func:`synthetic_queries`); the
+table shows the mean and the minimum. Scan and index are timed interleaved (scan, index, scan,
+...) so that both see the same machine load; the load average is printed with the table.
+
 Run ``python -m memllm.bench_ltm``; the last printed line is a JSON summary.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -60,27 +66,54 @@ def synthetic_keys_queries(
     return keys, queries
 
 
-def rss_mib() -> float:
-    """Current resident set size of this process (MiB), from /proc (Linux)."""
+def synthetic_queries(
+    m: int, dim: int, t: int, num: int, seed: int = 0, query_seed: int = 1, spec: SyntheticSpec = SyntheticSpec()
+) -> list[torch.Tensor]:
+    """``num`` more queries [t, dim] over the keys of ``synthetic_keys_queries(m, dim, .., seed)``
+    (same cluster centres, same query model, other topics and noise)."""
+    g = torch.Generator().manual_seed(seed)
+    num_clusters = max(1, m // spec.keys_per_cluster)
+    centres = torch.randn(num_clusters, dim, generator=g)  # the first draw there too
+    centres *= spec.centre_norm / centres.norm(dim=1, keepdim=True)
+    gq = torch.Generator().manual_seed(query_seed)
+    out = []
+    for _ in range(num):
+        topics = torch.randperm(num_clusters, generator=gq)[: spec.query_topics]
+        q_topic = topics[torch.randint(0, spec.query_topics, (t,), generator=gq)]
+        out.append(centres[q_topic] + torch.randn(t, dim, generator=gq) * (spec.query_noise_norm / dim**0.5))
+    return out
+
+
+def rss_mib(field: str = "VmRSS") -> float:
+    """Resident set size of this process (MiB; ``VmHWM`` for the peak so far), from /proc."""
     try:
         with open("/proc/self/status") as f:
             for line in f:
-                if line.startswith("VmRSS:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) / 1024
     except OSError:
         pass
     return float("nan")
 
 
-def _median_ms(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
+def _load_average() -> float:
+    try:
+        return round(os.getloadavg()[0], 2)
+    except OSError:
+        return float("nan")
+
+
+def _interleaved_median_ms(fns: Sequence, repeats: int) -> list[float]:
+    """Median wall time (ms) of each function, calling them in turn ``repeats`` times."""
+    for fn in fns:
+        fn()  # warm-up
+    times: list[list[float]] = [[] for _ in fns]
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1000)
-    times.sort()
-    return times[len(times) // 2]
+        for fn, ts in zip(fns, times):
+            t0 = time.perf_counter()
+            fn()
+            ts.append((time.perf_counter() - t0) * 1000)
+    return [sorted(ts)[len(ts) // 2] for ts in times]
 
 
 def run_bench_ltm(
@@ -88,18 +121,21 @@ def run_bench_ltm(
     selector_dim: int = 256,
     R: int = 2560,
     query_tokens: int = 64,
-    repeats: int = 5,
+    repeats: int = 7,
+    num_queries: int = 8,
     seed: int = 0,
     index_kwargs: dict | None = None,
 ) -> dict:
     """Time exact vs index retrieval for one layer at each LTM size; measure index recall.
 
     Returns ``{"rows": [per-size dicts], "index_speedup_at_1_5m", "index_recall_at_1_5m"}``
-    (the last two are None if 1.5M is not among ``sizes``). Uses 2 torch threads.
+    (the last two are None if 1.5M is not among ``sizes``; recall is the mean over
+    ``num_queries`` queries, its minimum is ``index_recall_min_at_1_5m``). Uses 2 threads.
     """
     torch.set_num_threads(2)
     config = LTMConfig(num_tokens=R, num_ltm_blocks=1)
     rows = []
+    load_start = _load_average()
     for m in sizes:
         keys, queries = synthetic_keys_queries(m, selector_dim, query_tokens, seed=seed)
         # Vectors are irrelevant to retrieval latency; a [m, 1] stand-in keeps memory for keys.
@@ -110,61 +146,80 @@ def run_bench_ltm(
             recall_frequencies=torch.ones(m),
         )
         ltm = LongTermMemory(config, [layer])
+        rss_keys = rss_mib()
         t0 = time.perf_counter()
-        kwargs = {"min_candidates": 16 * R, **(index_kwargs or {})}
+        kwargs = {"min_candidates": 24 * R, **(index_kwargs or {})}
         ltm.indexes[0] = LTMIndex(**kwargs).build(keys)
         build_s = time.perf_counter() - t0
+        index = ltm.indexes[0]
 
-        exact = ltm.retrieve(0, queries, "exact")
-        approx = ltm.retrieve(0, queries, "index")
-        hit = torch.isin(approx.selected_sorted, exact.selected_sorted).sum().item()
-        recall = hit / R
-        n_cand = int(ltm.indexes[0].candidates(queries).shape[0])
+        recalls, n_cand = [], []
+        more = synthetic_queries(m, selector_dim, query_tokens, num_queries - 1, seed=seed)
+        for q in [queries, *more]:
+            exact = ltm.retrieve(0, q, "exact")
+            approx = ltm.retrieve(0, q, "index")
+            recalls.append(torch.isin(approx.selected_sorted, exact.selected_sorted).sum().item() / R)
+            n_cand.append(int(index.candidates(q).shape[0]))
+            del exact, approx
 
-        exact_ms = _median_ms(lambda: ltm.retrieve(0, queries, "exact"), repeats)
-        index_ms = _median_ms(lambda: ltm.retrieve(0, queries, "index"), repeats)
+        exact_ms, index_ms = _interleaved_median_ms(
+            [
+                lambda ltm=ltm, q=queries: ltm.retrieve(0, q, "exact"),
+                lambda ltm=ltm, q=queries: ltm.retrieve(0, q, "index"),
+            ],
+            repeats,
+        )
         rows.append(
             {
                 "size": m,
                 "scan_ms": round(exact_ms, 2),
                 "index_ms": round(index_ms, 2),
                 "speedup": round(exact_ms / index_ms, 2),
-                "recall": round(recall, 4),
-                "candidates": n_cand,
-                "nlist": int(ltm.indexes[0].centroids.shape[0]),
+                "recall": round(sum(recalls) / len(recalls), 4),
+                "recall_min": round(min(recalls), 4),
+                "candidates": int(sum(n_cand) / len(n_cand)),
+                "nlist": int(index.centroids.shape[0]),
                 "build_s": round(build_s, 2),
+                "keys_mib": round(keys.numel() * keys.element_size() / 2**20, 1),
                 "rss_mib": round(rss_mib(), 1),
+                "index_mib": round(rss_mib() - rss_keys, 1),
+                "load_avg": _load_average(),
             }
         )
-        del ltm, layer, keys, exact, approx
+        del ltm, layer, keys, index
     at = {r["size"]: r for r in rows}.get(1_500_000)
     return {
         "rows": rows,
         "selector_dim": selector_dim,
         "R": R,
         "query_tokens": query_tokens,
+        "num_queries": num_queries,
         "threads": torch.get_num_threads(),
+        "load_avg_start": load_start,
+        "peak_rss_mib": round(rss_mib("VmHWM"), 1),
         "index_speedup_at_1_5m": at["speedup"] if at else None,
         "index_recall_at_1_5m": at["recall"] if at else None,
+        "index_recall_min_at_1_5m": at["recall_min"] if at else None,
     }
 
 
 def _print_table(result: dict) -> None:
-    headers = ["size", "scan ms/layer", "index ms/layer", "speedup", "recall@R",
-               "candidates", "nlist", "build s", "RSS MiB"]
-    keys = ["size", "scan_ms", "index_ms", "speedup", "recall", "candidates", "nlist",
-            "build_s", "rss_mib"]
+    headers = ["size", "scan ms/layer", "index ms/layer", "speedup", "recall@R mean",
+               "recall@R min", "candidates", "nlist", "build s", "keys MiB", "RSS MiB", "load avg"]
+    keys = ["size", "scan_ms", "index_ms", "speedup", "recall", "recall_min", "candidates",
+            "nlist", "build_s", "keys_mib", "rss_mib", "load_avg"]
     try:
         from rich.console import Console
         from rich.table import Table
 
         table = Table(title=f"LTM retrieval, s={result['selector_dim']}, R={result['R']}, "
-                      f"T={result['query_tokens']}, {result['threads']} threads")
+                      f"T={result['query_tokens']}, {result['threads']} threads, recall over "
+                      f"{result['num_queries']} queries, peak RSS {result['peak_rss_mib']} MiB")
         for h in headers:
             table.add_column(h, justify="right")
         for r in result["rows"]:
             table.add_row(*(f"{r[k]:,}" if isinstance(r[k], int) else str(r[k]) for k in keys))
-        Console(width=120).print(table)
+        Console(width=160).print(table)
     except ImportError:
         print(" | ".join(headers))
         for r in result["rows"]:

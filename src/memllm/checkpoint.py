@@ -18,9 +18,19 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PretrainedConfig,
+)
 
-from memllm.config import MODEL_TYPE_ALIASES, SUPPORTED_MODEL_TYPES, LoraSettings, MemoryConfig
+from memllm.config import (
+    MODEL_TYPE_ALIASES,
+    SUPPORTED_MODEL_TYPES,
+    LoraSettings,
+    MemoryConfig,
+)
 from memllm.model import MemoryModel
 
 log = logging.getLogger(__name__)

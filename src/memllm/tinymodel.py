@@ -1,0 +1,369 @@
+"""Our own tiny memory model, trained from scratch on CPU: the seeded recipe.
+
+    python -m memllm.tinymodel --out DIR --kind memoryllm|mplus --minutes M [--seed S]
+
+Read top to bottom:
+
+1. ``build_tokenizer``: a world tokenizer (every attribute value is one token).
+2. ``build_model``: a tiny Llama memory model (d 128, 4 layers, K 32, N 256: 8 biographies of at
+   most 31 tokens fit in short-term memory; M+ adds R = 2 blocks retrieved from long-term memory).
+3. Stage 1 (``lm_step``): plain language modelling on a fixed world of people, documents that hold
+   biographies followed by questions answered in context, until in-context QA is solved (a memory
+   model cannot learn to read answers from memory before it can read them from context).
+4. Stage 2 (``memory_step``): memory training on fresh people every step (never the same person
+   twice, so facts cannot be learned into the weights): inject a biography into a per-row memory,
+   then 0..max_distractors distractor injections, then ask one question and take the loss on the
+   answer token; gradients flow through every injection. Every ``replay_every``-th step is a stage-1
+   step (in-context replay). An EMA of the weights is what is evaluated and saved.
+5. ``checkpoint.save`` of the EMA weights with the tokenizer; ``memllm.evaluate.retention`` measures it.
+
+Everything random is derived from ``--seed``: the world, the tokenizer, the data streams, the
+initialisation and the memory drops. (Thread scheduling can still change float rounding.)
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from memllm.checkpoint import initialize_memory_parameters, save
+from memllm.config import MemoryConfig
+from memllm.inject import delta_memory
+from memllm.model import MemoryModel
+from memllm.tokenizer import train_world_tokenizer
+from memllm.train import write
+from memllm.world import World, WorldConfig
+
+
+@dataclass
+class Recipe:
+    """Everything that fixes a tiny model; the defaults are the shipped recipe."""
+
+    kind: str = "memoryllm"
+    seed: int = 0
+    minutes: float = 120.0
+    vocab_size: int = 1024
+    hidden_size: int = 128
+    num_layers: int = 4
+    num_heads: int = 4
+    intermediate_size: int = 344
+    num_tokens: int = 32  # K
+    stm_blocks: int = 8  # N = stm_blocks * K
+    ltm_blocks: int = 2  # M+ only: R = ltm_blocks * K
+    # stage 1
+    stage1_people: int = 2000
+    stage1_batch: int = 32
+    stage1_lr: float = 1e-3
+    stage1_target: float = 0.95  # in-context QA accuracy that ends stage 1
+    stage1_share: float = 0.3  # at most this share of the time budget
+    # stage 2
+    batch: int = 32
+    lr: float = 3e-4
+    max_distractors: int = 8
+    replay_every: int = 4
+    ema: float = 0.99
+    eval_every: int = 100
+    eval_people: int = 64
+    threads: int = 2
+
+    @property
+    def pool_size(self) -> int:
+        return self.stm_blocks * self.num_tokens
+
+
+# ---- 1, 2: tokenizer and model --------------------------------------------------------------------
+
+
+def build_world(recipe: Recipe) -> World:
+    return World(WorldConfig(seed=recipe.seed))
+
+
+def build_tokenizer(world: World, recipe: Recipe):
+    return train_world_tokenizer(world, vocab_size=recipe.vocab_size, seed=recipe.seed)
+
+
+def build_model(recipe: Recipe, tokenizer) -> MemoryModel:
+    """A randomly initialised tiny Llama memory model with the world tokenizer; initialised pool."""
+    torch.manual_seed(recipe.seed)
+    mplus = recipe.kind == "mplus"
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=recipe.hidden_size, intermediate_size=recipe.intermediate_size,
+        num_hidden_layers=recipe.num_layers, num_attention_heads=recipe.num_heads,
+        num_key_value_heads=recipe.num_heads, max_position_embeddings=1024, tie_word_embeddings=False,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    config._attn_implementation = "sdpa"
+    lm = LlamaForCausalLM(config)
+    memory_config = MemoryConfig(
+        kind=recipe.kind, num_tokens=recipe.num_tokens,
+        num_blocks=recipe.stm_blocks + (recipe.ltm_blocks if mplus else 0),
+        num_ltm_blocks=recipe.ltm_blocks if mplus else 0,
+        add_selector=mplus, add_encoder_retriever=mplus, selector_hidden_dim=32,
+        update_ltm_frequency=2, initial_rf_when_moving_stm_to_ltm=2,
+    )
+    model = MemoryModel(lm, memory_config, tokenizer=tokenizer)
+    initialize_memory_parameters(model, recipe.seed)
+    model.initialized = True  # the small random pool is read as a prefix from the start
+    return model
+
+
+# ---- data -----------------------------------------------------------------------------------------
+
+
+def encode(tokenizer, texts: list[str], bos: bool = True) -> list[list[int]]:
+    return [tokenizer(t, add_special_tokens=bos)["input_ids"] for t in texts]
+
+
+def pad(rows: list[list[int]], value: int) -> torch.Tensor:
+    T = max(len(r) for r in rows)
+    return torch.tensor([r + [value] * (T - len(r)) for r in rows], dtype=torch.long)
+
+
+def lm_batch(world: World, tokenizer, people, rng: random.Random, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stage-1 documents (biographies, in-context QA, distractors) about ``people``: ids, labels."""
+    docs = list(world.corpus(batch, seed=rng.randrange(1 << 30), people=people))
+    rows = encode(tokenizer, docs)
+    ids = pad(rows, tokenizer.pad_token_id)
+    labels = pad(rows, -100)
+    return ids, labels
+
+
+def qa_rows(world: World, tokenizer, people, rng: random.Random, in_context: bool) -> tuple[list[list[int]], list[int]]:
+    """One question per person (random attribute): prompt ids (answer excluded) and answer token id.
+    ``in_context``: the biography precedes the question (with <bos>); else the bare question."""
+    prompts, answers = [], []
+    for person in people:
+        prompt, answer = world.question(person, rng.choice(world.attributes), rng)
+        if in_context:
+            ids = encode(tokenizer, [world.biography(person, rng) + " " + prompt])[0]
+        else:
+            ids = encode(tokenizer, [prompt], bos=False)[0]
+        prompts.append(ids)
+        answers.append(encode(tokenizer, [answer], bos=False)[0][0])
+    return prompts, answers
+
+
+@dataclass
+class MemoryBatch:
+    bios: list[list[int]]  # B biographies (no <bos>, as `model.inject` encodes text)
+    distractors: list[list[list[int]]]  # n_distractors lists of B distractors
+    questions: torch.Tensor  # [B, T] prompt + answer, right-padded
+    labels: torch.Tensor  # [B, T] -100 except the answer token
+    kept: list[torch.Tensor]  # per injection [B, L, N - K] surviving rows
+
+
+def memory_batch(world: World, tokenizer, stream, rng: random.Random, batch: int, n_distractors: int,
+                 num_layers: int, N: int, K: int) -> MemoryBatch:
+    people = [next(stream) for _ in range(batch)]
+    bios = encode(tokenizer, [world.biography(p, rng) for p in people], bos=False)
+    distractors = [encode(tokenizer, [world.distractor(rng) for _ in people], bos=False) for _ in range(n_distractors)]
+    prompts, answers = qa_rows(world, tokenizer, people, rng, in_context=False)
+    rows = [p + [a] for p, a in zip(prompts, answers)]
+    questions = pad(rows, tokenizer.pad_token_id)
+    labels = torch.full_like(questions, -100)
+    for b, p in enumerate(prompts):
+        labels[b, len(p)] = answers[b]
+    g = torch.Generator().manual_seed(rng.randrange(1 << 62))
+    kept = [torch.rand(batch, num_layers, N, generator=g).argsort(-1)[..., : N - K].sort(-1).values
+            for _ in range(1 + n_distractors)]
+    return MemoryBatch(bios, distractors, questions, labels, kept)
+
+
+# ---- per-row memories -----------------------------------------------------------------------------
+
+
+def inject_rows(model: MemoryModel, pools: torch.Tensor, rows: list[list[int]], kept: torch.Tensor) -> torch.Tensor:
+    """Write one context per row into pools [B, L, N, d] (differentiable): contexts of equal length are
+    injected together, since `delta_memory` runs padded rows shorter than K one at a time."""
+    B, L, _, d = pools.shape
+    K = model.config.num_tokens
+    delta = pools.new_zeros(B, L, K, d)
+    by_length: dict[int, list[int]] = {}
+    for b, r in enumerate(rows):
+        by_length.setdefault(len(r), []).append(b)
+    parts, order = [], []
+    for length, idx in sorted(by_length.items()):
+        ids = torch.tensor([rows[b] for b in idx], dtype=torch.long)
+        parts.append(delta_memory(model, pools[idx], ids))
+        order.extend(idx)
+    delta = torch.cat(parts, dim=0)[torch.argsort(torch.tensor(order))]
+    return write(pools, delta, kept)
+
+
+def start_pools(model: MemoryModel, batch: int) -> torch.Tensor:
+    return model.initial_pool.detach().unsqueeze(0).expand(batch, -1, -1, -1).clone()
+
+
+def memory_loss(model: MemoryModel, mb: MemoryBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss on the answer token, accuracy of the argmax answer) after bio + distractor injections."""
+    pools = start_pools(model, len(mb.bios))
+    pools = inject_rows(model, pools, mb.bios, mb.kept[0])
+    for i, rows in enumerate(mb.distractors):
+        pools = inject_rows(model, pools, rows, mb.kept[i + 1])
+    logits = model.forward_pools(mb.questions, pools).logits[:, :-1]
+    target = mb.labels[:, 1:]
+    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100)
+    mask = target != -100
+    acc = (logits.argmax(-1)[mask] == target[mask]).float().mean()
+    return loss, acc
+
+
+# ---- evaluation during training -------------------------------------------------------------------
+
+
+@torch.no_grad()
+def in_context_accuracy(model: MemoryModel, world: World, tokenizer, people, seed: int) -> float:
+    rng = random.Random(seed)
+    prompts, answers = qa_rows(world, tokenizer, people, rng, in_context=True)
+    ids = pad(prompts, tokenizer.pad_token_id)
+    logits = model.lm(ids).logits
+    last = torch.tensor([len(p) - 1 for p in prompts])
+    pred = logits[torch.arange(len(prompts)), last].argmax(-1)
+    return (pred == torch.tensor(answers)).float().mean().item()
+
+
+@torch.no_grad()
+def recall_accuracy(model: MemoryModel, world: World, tokenizer, people, n_distractors: int, seed: int) -> float:
+    """Held-out recall from memory after n distractors (argmax of the answer token)."""
+    rng = random.Random(seed)
+    stream = iter(people)
+    mb = memory_batch(world, tokenizer, stream, rng, len(people), n_distractors,
+                      model.num_layers, model.config.num_memory_tokens, model.config.num_tokens)
+    return memory_loss(model, mb)[1].item()
+
+
+# ---- training -------------------------------------------------------------------------------------
+
+
+def lm_step(model: MemoryModel, opt, world, tokenizer, people, rng, batch: int) -> float:
+    ids, labels = lm_batch(world, tokenizer, people, rng, batch)
+    loss = model.lm(ids, labels=labels).loss
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    return loss.item()
+
+
+def memory_step(model: MemoryModel, opt, world, tokenizer, stream, rng, recipe: Recipe) -> tuple[float, float]:
+    n = rng.randint(0, recipe.max_distractors)
+    mb = memory_batch(world, tokenizer, stream, rng, recipe.batch, n, model.num_layers,
+                      model.config.num_memory_tokens, model.config.num_tokens)
+    loss, acc = memory_loss(model, mb)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    return loss.item(), acc.item()
+
+
+def ema_update(ema: MemoryModel, model: MemoryModel, decay: float) -> None:
+    with torch.no_grad():
+        for e, p in zip(ema.parameters(), model.parameters()):
+            e.lerp_(p, 1 - decay)
+
+
+def log(record: dict) -> None:
+    print(json.dumps(record), flush=True)
+
+
+def run(recipe: Recipe, out: str | Path) -> dict:
+    torch.set_num_threads(recipe.threads)
+    t0 = time.time()
+    budget = recipe.minutes * 60
+    world = build_world(recipe)
+    tokenizer = build_tokenizer(world, recipe)
+    model = build_model(recipe, tokenizer).train()
+    n_params = sum(p.numel() for p in model.parameters())
+    log({"event": "built", "params": n_params, "tokenizer_s": round(time.time() - t0, 1), **asdict(recipe)})
+
+    rng = random.Random(f"tinymodel:{recipe.seed}")
+    fixed_people = world.people(recipe.stage1_people, "train", seed=recipe.seed)
+    eval_people = world.heldout_people(recipe.eval_people, seed=recipe.seed + 1)
+
+    # Stage 1: in-context QA on a fixed world.
+    opt = torch.optim.AdamW(model.parameters(), lr=recipe.stage1_lr, weight_decay=0.0)
+    t1, step, acc = time.time(), 0, 0.0
+    while time.time() - t0 < recipe.stage1_share * budget:
+        loss = lm_step(model, opt, world, tokenizer, fixed_people, rng, recipe.stage1_batch)
+        step += 1
+        if step % 50 == 0:
+            model.eval()
+            acc = in_context_accuracy(model, world, tokenizer, eval_people, seed=step)
+            model.train()
+            log({"stage": 1, "step": step, "loss": round(loss, 3), "in_context_heldout": acc,
+                 "min": round((time.time() - t0) / 60, 1)})
+            if acc >= recipe.stage1_target:
+                break
+    stage1 = {"steps": step, "seconds": round(time.time() - t1), "in_context_heldout": acc}
+
+    # Stage 2: memory training on fresh people, with in-context replay; EMA weights evaluated and saved.
+    stream = world.people_stream("train", seed=recipe.seed + 1000)
+    opt = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=0.0)
+    ema = copy.deepcopy(model).eval()
+    for p in ema.parameters():
+        p.requires_grad_(False)
+    t2, step, history = time.time(), 0, []
+    end = t0 + budget - 30  # keep time to save
+    stage2_budget = max(1.0, end - t2)
+    loss_acc: list[tuple[float, float]] = []
+    while time.time() < end:
+        frac = (time.time() - t2) / stage2_budget
+        for group in opt.param_groups:  # cosine decay to 10% over the remaining budget
+            group["lr"] = recipe.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0))))
+        if recipe.replay_every and step % recipe.replay_every == recipe.replay_every - 1:
+            lm_step(model, opt, world, tokenizer, fixed_people, rng, recipe.stage1_batch)
+        else:
+            loss_acc.append(memory_step(model, opt, world, tokenizer, stream, rng, recipe))
+        ema_update(ema, model, recipe.ema)
+        step += 1
+        if step % recipe.eval_every == 0:
+            rec = {"stage": 2, "step": step, "min": round((time.time() - t0) / 60, 1),
+                   "train_loss": round(sum(l for l, _ in loss_acc) / max(1, len(loss_acc)), 3),
+                   "train_acc": round(sum(a for _, a in loss_acc) / max(1, len(loss_acc)), 3)}
+            loss_acc = []
+            for n in (0, 2, 8):
+                rec[f"heldout_n{n}"] = round(recall_accuracy(ema, world, tokenizer, eval_people, n, seed=n), 3)
+            rec["in_context"] = in_context_accuracy(ema, world, tokenizer, eval_people, seed=0)
+            history.append(rec)
+            log(rec)
+    stage2 = {"steps": step, "seconds": round(time.time() - t2)}
+
+    ema.tokenizer = tokenizer
+    path = save(ema, out)
+    (Path(out) / "recipe.json").write_text(json.dumps(
+        {"recipe": asdict(recipe), "stage1": stage1, "stage2": stage2, "history": history}, indent=2) + "\n")
+    summary = {"event": "saved", "out": str(path), "params": n_params, "stage1": stage1, "stage2": stage2,
+               "total_s": round(time.time() - t0)}
+    log(summary)
+    return summary
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", required=True)
+    defaults = Recipe()
+    for name, value in asdict(defaults).items():
+        flag = "--" + name.replace("_", "-")
+        if name == "kind":
+            parser.add_argument(flag, choices=("memoryllm", "mplus"), default=value)
+        else:
+            parser.add_argument(flag, type=type(value), default=value)
+    ns = vars(parser.parse_args(argv))
+    out = ns.pop("out")
+    return run(Recipe(**ns), out)
+
+
+if __name__ == "__main__":
+    main()
