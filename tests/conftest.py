@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -96,3 +97,12 @@ def assert_checkpoint_round_trip(g: Golden, out_dir: Path) -> None:
     ids = g.ids("prompt_b1")
     with torch.no_grad():
         assert torch.equal(model(ids, model.new_memory()).logits, again(ids, again.new_memory()).logits)
+
+
+@pytest.fixture
+def fresh_accelerate_state():
+    """accelerate keeps one process-wide state; each train() in a test may ask for another precision."""
+    yield
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)

@@ -31,6 +31,8 @@ from memllm.train import (
 ROOT = Path(__file__).resolve().parents[1]
 LETTERS = "abcdefghijklmnop"
 
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
+
 
 def copy_documents(n: int, length: int, seed: int) -> list[str]:
     """Documents `s s`: the second half is only predictable by reading the first from memory."""
@@ -40,15 +42,6 @@ def copy_documents(n: int, length: int, seed: int) -> list[str]:
         s = "".join(rng.choice(LETTERS) for _ in range(length))
         docs.append(s + s)
     return docs
-
-
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    """accelerate keeps one process-wide state; each train() here may ask for another precision."""
-    yield
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
 
 
 @pytest.fixture(scope="module")

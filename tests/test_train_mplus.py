@@ -28,6 +28,8 @@ from memllm.train import (
 
 ALPHABET = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
 
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
+
 
 def distinct_documents(n: int, length: int, seed: int, letters: int = 3) -> list[str]:
     """Documents `s s` where s uses 3 letters of 62: a document's rows and its continuation share
@@ -43,14 +45,6 @@ def distinct_documents(n: int, length: int, seed: int, letters: int = 3) -> list
 
 def mplus_model(**kw):
     return random_model(kind="mplus", num_blocks=6, num_ltm_blocks=2, lora_rank=4, **kw)
-
-
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    yield
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
 
 
 @pytest.fixture(scope="module")

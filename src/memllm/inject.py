@@ -117,18 +117,11 @@ def delta_memory(
             text_mask = attention_mask.long()
         position_ids = (text_mask.cumsum(-1) - 1).clamp(min=0) + P
         full_mask = torch.cat([text_mask.new_ones(B, P), text_mask], dim=1)
-        handles = []
-        try:
-            for l, layer in enumerate(model.layers):
-                handles.append(layer.register_forward_pre_hook(pre_hook(l), with_kwargs=True))
-                handles.append(layer.register_forward_hook(post_hook(l), with_kwargs=True))
+        with model.layer_hooks(pre=pre_hook, post=post_hook):
             model.lm.model(
                 inputs_embeds=embeds, attention_mask=full_mask, position_ids=position_ids,
                 cache=cache, use_cache=cache is not None,
             )
-        finally:
-            for h in handles:
-                h.remove()
     first = model.layers[0].input_layernorm.weight.device
     return torch.stack([captured[l].to(first) for l in range(model.num_layers)], dim=1)
 

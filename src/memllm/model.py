@@ -148,6 +148,23 @@ class MemoryModel(nn.Module):
         finally:
             self._set_adapter(previous)
 
+    @contextmanager
+    def layer_hooks(self, pre: Callable | None = None, post: Callable | None = None) -> Iterator[None]:
+        """For a block: a forward pre-hook `pre(l)` and/or hook `post(l)` (hook factories taking the layer
+        index, kwargs-style) on every decoder layer. How memllm does per-layer work inside
+        transformers' own forward (injection, M+ retrieval, capturing layer inputs in training)."""
+        handles = []
+        try:
+            for l, layer in enumerate(self.layers):
+                if pre is not None:
+                    handles.append(layer.register_forward_pre_hook(pre(l), with_kwargs=True))
+                if post is not None:
+                    handles.append(layer.register_forward_hook(post(l), with_kwargs=True))
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+
     def _set_adapter(self, name: str) -> None:
         from peft.tuners.lora import LoraLayer
 

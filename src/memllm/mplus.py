@@ -109,12 +109,8 @@ def retrieving(
             return None
         return hook
 
-    handles = [layer.register_forward_pre_hook(hook_for(l), with_kwargs=True) for l, layer in enumerate(model.layers)]
-    try:
+    with model.layer_hooks(pre=hook_for):
         yield
-    finally:
-        for h in handles:
-            h.remove()
 
 
 def ltm_is_empty(memory: Memory) -> bool:

@@ -211,12 +211,8 @@ def layer_inputs(model: MemoryModel, captured: dict[int, torch.Tensor], last: in
             captured[l] = hidden[:, -last:].detach()
         return hook
 
-    handles = [layer.register_forward_pre_hook(hook_for(l), with_kwargs=True) for l, layer in enumerate(model.layers)]
-    try:
+    with model.layer_hooks(pre=hook_for):
         yield
-    finally:
-        for h in handles:
-            h.remove()
 
 
 def retriever_loss(
