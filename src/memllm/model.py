@@ -183,7 +183,12 @@ class MemoryModel(nn.Module):
         """Identifies the latent space a memory lives in: the architecture and the memory parameters.
 
         Hashed at bfloat16 precision, so loading the same checkpoint in another dtype keeps it.
+        Computed again only when those parameters change (every read checks it).
         """
+        version = (self.bos_embedding._version, self.new_memory_positional_emb._version,
+                   self.bos_embedding.data_ptr(), self.new_memory_positional_emb.data_ptr())
+        if getattr(self, "_fingerprint", (None, None))[0] == version:
+            return self._fingerprint[1]
         c = self.lm.config
         h = hashlib.sha256()
         shape = [self.config.kind, c.model_type, c.num_hidden_layers, c.hidden_size, c.vocab_size,
@@ -191,7 +196,8 @@ class MemoryModel(nn.Module):
         h.update(json.dumps(shape).encode())
         for t in (self.bos_embedding, self.new_memory_positional_emb):
             h.update(t.detach().to("cpu", torch.bfloat16).contiguous().view(torch.uint8).numpy().tobytes())
-        return h.hexdigest()[:16]
+        self._fingerprint = (version, h.hexdigest()[:16])
+        return self._fingerprint[1]
 
     def new_memory(self) -> Memory:
         """A fresh memory: the checkpoint's trained initial pool (and, for M+, its long-term memory)."""
