@@ -284,6 +284,19 @@ def bench(ctx: typer.Context) -> None:
         bench_main(args)
 
 
+@app.command("eval", context_settings=PASS_THROUGH)
+def evaluate(ctx: typer.Context) -> None:
+    """Evaluations. `memllm eval retention CHECKPOINT... [OPTIONS]`: inject a biography, then n
+    distractors, then ask; accuracy per n with 95% CIs, the no-memory floor and the survival law
+    (options of `python -m memllm.evaluate --help`)."""
+    args = list(ctx.args)
+    if args[:1] != ["retention"]:
+        _fail("usage: memllm eval retention CHECKPOINT... [OPTIONS]")
+    from memllm.evaluate import main as evaluate_main
+
+    evaluate_main(args[1:])
+
+
 @app.command(context_settings=PASS_THROUGH)
 def train(ctx: typer.Context) -> None:
     """Train a memory model to use its memory (accelerate-native: run under `accelerate launch` for
