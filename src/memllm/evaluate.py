@@ -23,6 +23,7 @@ import json
 import math
 import random
 import re
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -78,33 +79,35 @@ def retention(
         raise ValueError("retention needs a tokenizer: pass one or use a model that ships one")
     was_training = model.training
     model.eval()
-    counts = sorted(set(int(n) for n in distractor_counts))
+    counts = sorted({int(n) for n in distractor_counts})
     K, N = stm_capacity(model)
     people = world.heldout_people(n_people, seed=seed)
     rng = random.Random(f"retention:{seed}")
     correct = {n: 0 for n in counts}
     floor_correct = total = 0
     try:
-        for i, person in enumerate(people):
-            questions = [world.question(person, a, rng) for a in world.attributes]
-            prompts = [q for q, _ in questions]
-            answers = [a.strip() for _, a in questions]
-            total += len(questions)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="context of .* tokens")  # short distractors are expected
+            for i, person in enumerate(people):
+                questions = [world.question(person, a, rng) for a in world.attributes]
+                prompts = [q for q, _ in questions]
+                answers = [a.strip() for _, a in questions]
+                total += len(questions)
 
-            floor_answers = _ask(model, model.new_memory(), prompts, max_new_tokens)
-            floor_correct += sum(first_word(p) == a for p, a in zip(floor_answers, answers))
+                floor_answers = _ask(model, model.new_memory(), prompts, max_new_tokens)
+                floor_correct += sum(first_word(p) == a for p, a in zip(floor_answers, answers))
 
-            memory = model.new_memory()
-            model.inject(memory, world.biography(person, rng))
-            done = 0
-            for n in counts:
-                while done < n:
-                    model.inject(memory, world.distractor(rng))
-                    done += 1
-                predicted = _ask(model, memory, prompts, max_new_tokens)
-                correct[n] += sum(first_word(p) == a for p, a in zip(predicted, answers))
-            if progress and (i + 1) % 10 == 0:
-                print(f"  {i + 1}/{len(people)} people", flush=True)
+                memory = model.new_memory()
+                model.inject(memory, world.biography(person, rng))
+                done = 0
+                for n in counts:
+                    while done < n:
+                        model.inject(memory, world.distractor(rng))
+                        done += 1
+                    predicted = _ask(model, memory, prompts, max_new_tokens)
+                    correct[n] += sum(first_word(p) == a for p, a in zip(predicted, answers))
+                if progress and (i + 1) % 10 == 0:
+                    print(f"  {i + 1}/{len(people)} people", flush=True)
     finally:
         model.train(was_training)
     acc = {n: correct[n] / total for n in counts}
@@ -158,8 +161,10 @@ def print_results(results: dict[str, dict]) -> None:
     from rich.table import Table
 
     for name, r in results.items():
-        table = Table(title=f"{name}: recall after n distractors (K {r['K']}, N {r['N']}, "
-                            f"{r['n_questions']} questions, floor {r['floor']:.2f})")
+        console = Console(width=120)
+        console.print(f"{name}: recall after n distractors (K {r['K']}, N {r['N']}, "
+                      f"{r['n_questions']} questions, no-memory floor {r['floor']:.3f})")
+        table = Table()
         table.add_column("n", justify="right")
         table.add_column("accuracy", justify="right")
         table.add_column("95% CI", justify="right")
@@ -167,7 +172,7 @@ def print_results(results: dict[str, dict]) -> None:
         for n in r["counts"]:
             lo, hi = r["ci"][n]
             table.add_row(str(n), f"{r['acc'][n]:.3f}", f"[{lo:.3f}, {hi:.3f}]", f"{r['survival'][n]:.3f}")
-        Console(width=100).print(table)
+        console.print(table)
 
 
 def plot_results(results: dict[str, dict], path: str | Path) -> None:

@@ -53,6 +53,7 @@ class Recipe:
     seed: int = 0
     minutes: float = 120.0
     vocab_size: int = 1024
+    tokenizer_docs: int = 10_000
     hidden_size: int = 128
     num_layers: int = 4
     num_heads: int = 4
@@ -89,7 +90,8 @@ def build_world(recipe: Recipe) -> World:
 
 
 def build_tokenizer(world: World, recipe: Recipe):
-    return train_world_tokenizer(world, vocab_size=recipe.vocab_size, seed=recipe.seed)
+    return train_world_tokenizer(world, vocab_size=recipe.vocab_size, seed=recipe.seed,
+                                 n_docs=recipe.tokenizer_docs)
 
 
 def build_model(recipe: Recipe, tokenizer) -> MemoryModel:
@@ -137,6 +139,21 @@ def lm_batch(world: World, tokenizer, people, rng: random.Random, batch: int) ->
     ids = pad(rows, tokenizer.pad_token_id)
     labels = pad(rows, -100)
     return ids, labels
+
+
+def qa_batch(world: World, tokenizer, people, rng: random.Random, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """In-context QA rows: 1-3 biographies then a question about one of them; the loss is on the
+    answer token alone (in corpus documents answers are ~2% of the tokens: too weak a signal)."""
+    rows, labels = [], []
+    for _ in range(batch):
+        group = [rng.choice(people) for _ in range(rng.randint(1, 3))]
+        prompt, answer = world.question(rng.choice(group), rng.choice(world.attributes), rng)
+        context = " ".join(world.biography(p, rng) for p in group)
+        ids = encode(tokenizer, [context + " " + prompt])[0]
+        answer_id = encode(tokenizer, [answer], bos=False)[0][0]
+        rows.append(ids + [answer_id])
+        labels.append([-100] * len(ids) + [answer_id])
+    return pad(rows, tokenizer.pad_token_id), pad(labels, -100)
 
 
 def qa_rows(world: World, tokenizer, people, rng: random.Random, in_context: bool) -> tuple[list[list[int]], list[int]]:
@@ -247,8 +264,11 @@ def recall_accuracy(model: MemoryModel, world: World, tokenizer, people, n_distr
 
 
 def lm_step(model: MemoryModel, opt, world, tokenizer, people, rng, batch: int) -> float:
+    """Language modelling on corpus documents plus the answer-only loss of in-context QA rows."""
     ids, labels = lm_batch(world, tokenizer, people, rng, batch)
     loss = model.lm(ids, labels=labels).loss
+    ids, labels = qa_batch(world, tokenizer, people, rng, batch)
+    loss = loss + model.lm(ids, labels=labels).loss
     opt.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -1,0 +1,84 @@
+"""retention(): structure, intervals and the survival law, on tiny random models."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from memllm import evaluate
+from memllm.tiny import random_model
+from memllm.world import World
+
+
+def test_wilson():
+    assert evaluate.wilson(0, 0) == (0.0, 1.0)
+    lo, hi = evaluate.wilson(0, 10)
+    assert lo == 0.0 and 0.2 < hi < 0.35
+    lo, hi = evaluate.wilson(10, 10)
+    assert 0.65 < lo < 0.8 and hi == pytest.approx(1.0)
+    lo, hi = evaluate.wilson(50, 100)
+    assert lo == pytest.approx(0.4038, abs=1e-3) and hi == pytest.approx(0.5962, abs=1e-3)
+
+
+def test_first_word():
+    assert evaluate.first_word(" Zorora. born") == "Zorora"
+    assert evaluate.first_word("  ") == ""
+
+
+@pytest.fixture(scope="module")
+def models():
+    common = {"num_layers": 2, "hidden_size": 32, "num_heads": 2, "num_kv_heads": 2, "intermediate_size": 64,
+              "num_tokens": 8}
+    return {
+        "memoryllm": random_model(num_blocks=4, **common),
+        "mplus": random_model(num_blocks=6, num_ltm_blocks=2, kind="mplus", **common),
+    }
+
+
+def test_retention_structure(models):
+    model = models["memoryllm"]
+    r = evaluate.retention(model, World(), n_people=2, distractor_counts=(2, 0, 1))
+    assert r["counts"] == [0, 1, 2] and r["K"] == 8 and r["N"] == 32
+    assert r["n_people"] == 2 and r["n_questions"] == 2 * len(World().attributes)
+    for n in r["counts"]:
+        lo, hi = r["ci"][n]
+        assert 0 <= lo <= r["acc"][n] <= hi <= 1
+        assert r["survival"][n] == pytest.approx((1 - 8 / 32) ** n)
+    assert 0 <= r["floor_ci"][0] <= r["floor"] <= r["floor_ci"][1] <= 1
+    assert r["acc_at_0"] == r["acc"][0]
+    assert not model.training
+
+
+def test_retention_is_deterministic(models):
+    model = models["memoryllm"]
+    a = evaluate.retention(model, World(), n_people=1, distractor_counts=(0, 1), seed=3)
+    b = evaluate.retention(model, World(), n_people=1, distractor_counts=(0, 1), seed=3)
+    assert a == b
+
+
+def test_compare_two_models_table_plot_and_gain(models, tmp_path, capsys):
+    plot = tmp_path / "r.png"
+    out = evaluate.compare(models, World(), plot=plot, n_people=1, distractor_counts=(0, 1))
+    s = out["summary"]
+    for key in ("acc_at_0", "floor", "mplus_gain_at_3x", "memoryllm_acc_at_3x", "mplus_acc_at_3x"):
+        assert key in s and not math.isnan(s[key])
+    # 3x the STM capacity in biographies: n = 3 N / K distractors (32/8 and 32/8 here)
+    assert 12 in out["results"]["memoryllm"]["counts"] and 12 in out["results"]["mplus"]["counts"]
+    assert s["mplus_gain_at_3x"] == pytest.approx(
+        out["results"]["mplus"]["acc"][12] - out["results"]["memoryllm"]["acc"][12])
+    assert plot.exists() and plot.stat().st_size > 1000
+    printed = capsys.readouterr().out
+    assert "(1-K/N)^n" in printed
+    json.dumps(s)  # the last-line JSON
+
+
+def test_main_on_a_saved_checkpoint(models, tmp_path, capsys):
+    from memllm.checkpoint import save
+
+    path = save(models["memoryllm"], tmp_path / "ckpt")
+    out = evaluate.main([str(path), "--n-people", "1", "--counts", "0", "--plot", str(tmp_path / "p.png")])
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    summary = json.loads(last)
+    assert summary["acc_at_0"] == out["summary"]["acc_at_0"] and "floor" in summary
