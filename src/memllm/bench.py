@@ -59,32 +59,18 @@ class BenchConfig:
 
 def build_model(cfg: BenchConfig, seed: int = 0):
     """A random-weight (seeded) float32 memory model with an initialised memory prefix."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from memllm.tiny import random_model
 
-    from memllm.checkpoint import initialize_memory_parameters
-    from memllm.config import MemoryConfig
-    from memllm.model import MemoryModel
-
-    hf = LlamaConfig(
-        hidden_size=cfg.hidden_size,
-        num_hidden_layers=cfg.num_layers,
-        num_attention_heads=cfg.num_heads,
-        num_key_value_heads=cfg.num_kv_heads,
-        intermediate_size=cfg.intermediate_size,
-        vocab_size=cfg.vocab_size,
+    model = random_model(
+        num_layers=cfg.num_layers, hidden_size=cfg.hidden_size, num_heads=cfg.num_heads,
+        num_kv_heads=cfg.num_kv_heads, intermediate_size=cfg.intermediate_size, vocab_size=cfg.vocab_size,
+        num_tokens=cfg.num_tokens, num_blocks=cfg.num_blocks, seed=seed, tokenizer=False,
         # room for [bos ; memory] + prompt + answer, or for an injection behind the K-row prefix
         max_position_embeddings=max(4096, cfg.memory_tokens + 1 + cfg.prompt_tokens + cfg.new_tokens,
                                     cfg.num_tokens + 1 + cfg.context_tokens),
-        attn_implementation="sdpa",
-        dtype=torch.float32,
     )
-    torch.manual_seed(seed)
-    lm = LlamaForCausalLM(hf).to(torch.float32).eval()
-    lm.generation_config.eos_token_id = None  # always generate the requested number of tokens
-    lm.generation_config.pad_token_id = 0
-    model = MemoryModel(lm, MemoryConfig(num_tokens=cfg.num_tokens, num_blocks=cfg.num_blocks))
-    initialize_memory_parameters(model, seed)
-    model.initialized = True  # the random pool is a real prefix, as after the first injection
+    model.lm.generation_config.eos_token_id = None  # always generate the requested number of tokens
+    model.lm.generation_config.pad_token_id = 0
     return model.eval()
 
 

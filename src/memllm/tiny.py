@@ -43,10 +43,14 @@ def random_model(
     max_position_embeddings: int = 4096,
     dtype: torch.dtype = torch.float32,
     seed: int = 0,
-    tokenizer: bool = True,
+    tokenizer: PreTrainedTokenizerFast | bool = True,
+    selector_hidden_dim: int = 16,
 ) -> MemoryModel:
-    """A randomly initialised memory model with an initialised random pool (so reads use a prefix)."""
-    tok = byte_tokenizer() if tokenizer else None
+    """A randomly initialised memory model with an initialised random pool (so reads use a prefix).
+
+    tokenizer: True for the byte tokenizer, False for none, or a tokenizer to use (its size sets the
+    vocabulary unless vocab_size is given)."""
+    tok = byte_tokenizer() if tokenizer is True else (tokenizer or None)
     vocab_size = vocab_size or (len(tok) if tok is not None else 256)
     torch.manual_seed(seed)
     config = LlamaConfig(
@@ -63,7 +67,7 @@ def random_model(
         kind=kind, num_tokens=num_tokens, num_blocks=num_blocks, num_ltm_blocks=num_ltm_blocks,
         lora_config=lora, add_decoder_lora=lora is not None,
         add_selector=kind == "mplus", add_encoder_retriever=kind == "mplus",
-        selector_hidden_dim=16, update_ltm_frequency=2, initial_rf_when_moving_stm_to_ltm=2,
+        selector_hidden_dim=selector_hidden_dim, update_ltm_frequency=2, initial_rf_when_moving_stm_to_ltm=2,
     )
     model = MemoryModel(lm, memory_config, tokenizer=tok).eval()
     initialize_memory_parameters(model, seed)

@@ -34,12 +34,11 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from transformers import LlamaConfig, LlamaForCausalLM
 
-from memllm.checkpoint import initialize_memory_parameters, save
-from memllm.config import MemoryConfig
+from memllm.checkpoint import save
 from memllm.inject import delta_memory
 from memllm.model import MemoryModel
+from memllm.tiny import random_model
 from memllm.tokenizer import train_world_tokenizer
 from memllm.train import write
 from memllm.world import World, WorldConfig
@@ -96,28 +95,14 @@ def build_tokenizer(world: World, recipe: Recipe):
 
 def build_model(recipe: Recipe, tokenizer) -> MemoryModel:
     """A randomly initialised tiny Llama memory model with the world tokenizer; initialised pool."""
-    torch.manual_seed(recipe.seed)
     mplus = recipe.kind == "mplus"
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=recipe.hidden_size, intermediate_size=recipe.intermediate_size,
-        num_hidden_layers=recipe.num_layers, num_attention_heads=recipe.num_heads,
-        num_key_value_heads=recipe.num_heads, max_position_embeddings=1024, tie_word_embeddings=False,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    config._attn_implementation = "sdpa"
-    lm = LlamaForCausalLM(config)
-    memory_config = MemoryConfig(
-        kind=recipe.kind, num_tokens=recipe.num_tokens,
+    return random_model(
+        num_layers=recipe.num_layers, hidden_size=recipe.hidden_size, num_heads=recipe.num_heads,
+        num_kv_heads=recipe.num_heads, intermediate_size=recipe.intermediate_size, num_tokens=recipe.num_tokens,
         num_blocks=recipe.stm_blocks + (recipe.ltm_blocks if mplus else 0),
-        num_ltm_blocks=recipe.ltm_blocks if mplus else 0,
-        add_selector=mplus, add_encoder_retriever=mplus, selector_hidden_dim=32,
-        update_ltm_frequency=2, initial_rf_when_moving_stm_to_ltm=2,
-    )
-    model = MemoryModel(lm, memory_config, tokenizer=tokenizer)
-    initialize_memory_parameters(model, recipe.seed)
-    model.initialized = True  # the small random pool is read as a prefix from the start
-    return model
+        kind=recipe.kind, num_ltm_blocks=recipe.ltm_blocks if mplus else 0,
+        max_position_embeddings=1024, seed=recipe.seed, tokenizer=tokenizer, selector_hidden_dim=32,
+    ).train()
 
 
 # ---- data -----------------------------------------------------------------------------------------
