@@ -407,7 +407,21 @@ def set_dropout(model: nn.Module, p: float) -> None:
 
 
 def train(cfg: TrainConfig) -> dict[str, Any]:
-    """Train; returns the final step, mean losses per objective of the last log window and paths."""
+    """Train; returns the final step, mean losses per objective of the last log window and paths.
+
+    CPU floats that underflow to denormals are flushed to zero while training (and only then, also when
+    training fails): the retriever's saturated sigmoids give tiny gradients whose squares (Adam) are
+    denormal, and CPUs compute on denormals ~10x slower. GPU kernels are unaffected.
+    """
+    flushed = torch.set_flush_denormal(True)
+    try:
+        return _train(cfg)
+    finally:
+        if flushed:
+            torch.set_flush_denormal(False)  # the process default
+
+
+def _train(cfg: TrainConfig) -> dict[str, Any]:
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs
 
@@ -426,9 +440,6 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     if tensorboard:
         acc.init_trackers("tensorboard")
     torch.manual_seed(cfg.seed)
-    # CPU: flush denormal floats to zero while training. The retriever's saturated sigmoids give tiny
-    # gradients whose squares (Adam) are denormal, and CPUs compute on denormals ~10x slower.
-    flush_denormal = acc.device.type == "cpu" and torch.set_flush_denormal(True)
     model = ckpt.load(cfg.model, dtype=torch.float32, load_tokenizer=True)
     mplus = model.config.kind == "mplus"
     if mplus and getattr(model, "initial_ltm", None) is None:
@@ -551,8 +562,6 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         result["model"] = str(out / "model")
     acc.wait_for_everyone()
     acc.end_training()
-    if flush_denormal:
-        torch.set_flush_denormal(False)  # the process default
     return result
 
 
