@@ -28,6 +28,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from rich.console import Console
+from rich.progress import track
 
 DEFAULT_COUNTS = (0, 1, 2, 4, 8, 16, 24)
 
@@ -88,7 +90,8 @@ def retention(
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="context of .* tokens")  # short distractors are expected
-            for i, person in enumerate(people):
+            bar = Console(stderr=True)
+            for person in track(people, description="retention", disable=not progress, console=bar, transient=True):
                 questions = [world.question(person, a, rng) for a in world.attributes]
                 prompts = [q for q, _ in questions]
                 answers = [a.strip() for _, a in questions]
@@ -106,8 +109,6 @@ def retention(
                         done += 1
                     predicted = _ask(model, memory, prompts, max_new_tokens)
                     correct[n] += sum(first_word(p) == a for p, a in zip(predicted, answers))
-                if progress and (i + 1) % 10 == 0:
-                    print(f"  {i + 1}/{len(people)} people", flush=True)
     finally:
         model.train(was_training)
     acc = {n: correct[n] / total for n in counts}
@@ -225,7 +226,7 @@ def main(argv: list[str] | None = None) -> dict:
         name = model.config.kind if model.config.kind not in models else f"{model.config.kind}:{path}"
         models[name] = model
     out = compare(models, world, plot=args.plot, n_people=args.n_people, seed=args.seed,
-                  distractor_counts=tuple(int(c) for c in args.counts.split(",")))
+                  distractor_counts=tuple(int(c) for c in args.counts.split(",")), progress=True)
     print(json.dumps(out["summary"]))
     return out
 
