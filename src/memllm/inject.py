@@ -49,13 +49,16 @@ def delta_memory(
         if int(lengths.min()) == 0:
             raise ValueError("a context in the batch is empty (all padding)")
         if int(lengths.min()) < K or not initialized:
-            # Rows shorter than K take the T < K path, whose prefix length depends on T: run them alone.
-            rows = []
-            for b in range(B):
-                ids = input_ids[b][attention_mask[b].bool()].unsqueeze(0)
-                row_pool = pool[b] if pool.dim() == 4 else pool
-                rows.append(delta_memory(model, row_pool, ids, None, initialized))
-            return torch.cat(rows, dim=0)
+            # Rows shorter than K take the T < K path, whose prefix length depends on T: rows of equal
+            # length run together, unpadded, and go back to their places.
+            out: list[torch.Tensor | None] = [None] * B
+            for length in lengths.unique().tolist():
+                idx = (lengths == length).nonzero().squeeze(1)
+                ids = torch.stack([input_ids[b][attention_mask[b].bool()] for b in idx.tolist()])
+                group_pool = pool[idx] if pool.dim() == 4 else pool
+                for b, delta in zip(idx.tolist(), delta_memory(model, group_pool, ids, None, initialized)):
+                    out[b] = delta
+            return torch.stack(out)
         input_ids, attention_mask = _left_align(input_ids, attention_mask)
     elif attention_mask is not None:
         attention_mask = None

@@ -186,21 +186,10 @@ def memory_batch(world: World, tokenizer, stream, rng: random.Random, batch: int
 
 
 def inject_rows(model: MemoryModel, pools: torch.Tensor, rows: list[list[int]], kept: torch.Tensor) -> torch.Tensor:
-    """Write one context per row into pools [B, L, N, d] (differentiable): contexts of equal length are
-    injected together, since `delta_memory` runs padded rows shorter than K one at a time."""
-    B, L, _, d = pools.shape
-    K = model.config.num_tokens
-    delta = pools.new_zeros(B, L, K, d)
-    by_length: dict[int, list[int]] = {}
-    for b, r in enumerate(rows):
-        by_length.setdefault(len(r), []).append(b)
-    parts, order = [], []
-    for length, idx in sorted(by_length.items()):
-        ids = torch.tensor([rows[b] for b in idx], dtype=torch.long)
-        parts.append(delta_memory(model, pools[idx], ids))
-        order.extend(idx)
-    delta = torch.cat(parts, dim=0)[torch.argsort(torch.tensor(order))]
-    return write(pools, delta, kept)
+    """Write one context per row into pools [B, L, N, d] (differentiable)."""
+    ids = pad(rows, 0)
+    mask = pad([[1] * len(r) for r in rows], 0)
+    return write(pools, delta_memory(model, pools, ids, mask), kept)
 
 
 def start_pools(model: MemoryModel, batch: int) -> torch.Tensor:
