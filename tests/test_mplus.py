@@ -137,3 +137,42 @@ def test_stm_ages_switch_published_vs_growing() -> None:
     assert int(ages["growing"].max()) >= 2 * K  # a row kept through two later updates
     assert torch.equal(ages["growing"][:, -K:], ages["published"][:, -K:])  # the newest rows agree
     assert growing.config.to_hf_dict()["stm_ages_grow"] is True
+
+
+def test_training_ltm_reads_like_inference() -> None:
+    """forward_pools with a RowLTM (training) gives the logits of model(..., memory) (inference) after the
+    same injections and drops: the long-term memory is read the same way in training and at inference
+    (merge every update, no decay)."""
+    from memllm.inject import RecordedDrop, delta_memory
+    from memllm.mplus import RowLTM, drop_to_ltm, ltm_config
+    from memllm.train import write
+
+    model = random_model(kind="mplus", num_blocks=6, num_ltm_blocks=2, seed=5).eval()
+    model.config.update_ltm_frequency, model.config.decay_frequency = 1, 0.0
+    L, N, K = model.num_layers, model.config.num_memory_tokens, model.config.num_tokens
+    g = torch.Generator().manual_seed(1)
+    contexts = [torch.randint(3, 200, (16 + 3 * i,), generator=g) for i in range(6)]
+    kept = [torch.rand(L, N, generator=g).argsort(-1)[:, : N - K].sort(-1).values for _ in contexts]
+    question = torch.randint(3, 200, (1, 9), generator=g)
+
+    memory = model.new_memory()
+    memory.ltm.config = ltm_config(model)
+    pools = memory.pool.unsqueeze(0).clone()
+    ltm, ages = RowLTM.empty(pools), torch.zeros(1, L, N, dtype=torch.long)
+    with torch.no_grad():
+        for i, ids in enumerate(contexts):
+            model.inject(memory, ids, drop=RecordedDrop([kept[i]]))
+            delta = delta_memory(model, pools, ids.unsqueeze(0))
+            ltm, ages = drop_to_ltm(ltm, pools, ages, kept[i].unsqueeze(0))
+            pools = write(pools, delta, kept[i].unsqueeze(0))
+            if i in (0, 2, 5):  # fewer than R rows (cyclic repeat), exactly R, more than R (top R)
+                trace: list = []
+                want = model(question, memory, retrievals=trace).logits
+                got = model.forward_pools(question, pools, ltm=ltm).logits
+                assert ltm.size == memory.ltm.layers[0].num_ltm == K * (i + 1)
+                torch.testing.assert_close(ltm.vectors[0], torch.stack([st.vectors for st in memory.ltm.layers]))
+                torch.testing.assert_close(ltm.ages[0], torch.stack([st.ages for st in memory.ltm.layers]))
+                torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    # and retrieval matters: the same pools with the long-term slots masked read differently
+    masked = model.forward_pools(question, pools).logits
+    assert (masked - want).abs().max() > 1e-3

@@ -90,11 +90,13 @@ def test_stage_steps_run_and_learn(kind):
     loss = tm.lm_step(model, opt, world, tok, people, rng, 4)
     assert math.isfinite(loss) and loss > 0
     stream = world.people_stream("train", 1)
-    loss, acc = tm.memory_step(model, opt, world, tok, stream, rng, recipe)
+    loss, acc, stats = tm.memory_step(model, opt, world, tok, stream, rng, recipe)
     assert math.isfinite(loss) and 0 <= acc <= 1
     changed = [n for n, p in model.named_parameters() if not torch.equal(p, before[n])]
     assert "bos_embedding" in changed and "new_memory_positional_emb" in changed
-    assert any("layers.0.self_attn" in n for n in changed)
+    assert any("layers.0.self_attn.q_proj" in n for n in changed)
+    if kind == "mplus":  # the retriever learns (when the step had a related vector in long-term memory)
+        assert stats is None or any("query_proj" in n for n in changed)
     heldout = world.heldout_people(4, seed=0)
     assert 0 <= tm.in_context_accuracy(model, world, tok, heldout, seed=0) <= 1
     assert 0 <= tm.recall_accuracy(model, world, tok, heldout, 1, seed=0) <= 1
@@ -104,7 +106,7 @@ def test_memory_gradient_reaches_the_injection():
     _, world, tok, model = small_model()
     rng = random.Random(3)
     mb = tm.memory_batch(world, tok, world.people_stream("train", 3), rng, 2, 1, 2, 96, 32)
-    loss, _ = tm.memory_loss(model, mb)
+    loss, _, _ = tm.memory_loss(model, mb)
     loss.backward()
     assert model.new_memory_positional_emb.grad is not None  # only used by injections
     assert model.new_memory_positional_emb.grad.abs().sum() > 0
@@ -113,12 +115,28 @@ def test_memory_gradient_reaches_the_injection():
 def test_run_end_to_end_saves_a_loadable_checkpoint(tmp_path):
     from memllm.checkpoint import load
 
-    recipe = tm.Recipe(minutes=0.02, eval_every=1, eval_people=2, **SMALL)
-    summary = tm.run(recipe, tmp_path / "ckpt")
-    assert (tmp_path / "ckpt" / "recipe.json").exists()
-    model = load(tmp_path / "ckpt")
-    assert model.tokenizer is not None and model.config.num_memory_tokens == 96
-    assert summary["params"] > 0
+    recipe = tm.Recipe(minutes=0.02, mplus_minutes=0.02, eval_every=1, eval_people=2, **SMALL)
+    summary = tm.run(recipe, tmp_path / "ckpt")  # kind "both": MemoryLLM, then M+ from it
+    for kind in ("memoryllm", "mplus"):
+        assert (tmp_path / "ckpt" / kind / "recipe.json").exists()
+        model = load(tmp_path / "ckpt" / kind)
+        assert model.tokenizer is not None and model.config.num_memory_tokens == 96
+        assert model.config.kind == kind and summary[kind]["params"] > 0
+
+
+def test_mplus_starts_from_memoryllm_and_its_retriever_learns_from_long_term_memory():
+    recipe, world, tok, base = small_model()
+    model = tm.mplus_from(base, recipe)
+    for name, p in base.state_dict().items():
+        assert torch.equal(model.state_dict()[name], p)
+    # 6 distractors: the biography's vectors are in long-term memory (N = 3 blocks), with others
+    mb = tm.memory_batch(world, tok, world.people_stream("train", 5), random.Random(5), 3, 6, 2, 96, 32, 0.5)
+    loss, _, stats = tm.memory_loss(model, mb, grad_distractors=False, retriever_weight=1.0)
+    assert stats is not None and stats[1] > 0  # (row, layer) pairs scored
+    loss.backward()
+    for layer in model.layers:
+        assert layer.self_attn.query_proj[0].weight.grad.abs().sum() > 0
+        assert layer.self_attn.key_proj[0].weight.grad.abs().sum() > 0
 
 
 def test_qa_batch_labels_only_the_answer_which_is_in_context():

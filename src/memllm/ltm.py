@@ -189,13 +189,13 @@ def _scores_at(queries: Tensor, keys: Tensor, positions: Tensor, chunk: int = 81
 def order_by_age(selected_sorted: Tensor, ages: Tensor) -> Tensor:
     """Order positions oldest first; equal ages: the later position first.
 
-    selected_sorted [R] ascending positions, ages [R] their ages → [R] positions. This is what
+    selected_sorted [..., R] ascending positions, ages [..., R] their ages → [..., R] positions. This is what
     the official ``numpy.argsort(ages)[::-1]`` gives for R ≤ 16 (insertion sort, stable,
     then reversed); we apply the same rule for every R so results are deterministic.
     """
-    rev = selected_sorted.flip(0)
-    perm = torch.sort(-ages.flip(0).to(torch.int64), stable=True).indices
-    return rev[perm]
+    rev = selected_sorted.flip(-1)
+    perm = torch.sort(-ages.flip(-1).to(torch.int64), dim=-1, stable=True).indices
+    return rev.gather(-1, perm)
 
 
 def _select(

@@ -33,7 +33,7 @@ from memllm.config import MemoryConfig
 from memllm.generate import ask, generate, stream
 from memllm.inject import MIN_CONTEXT_TOKENS, DropPolicy, chunks, delta_memory, update
 from memllm.memory import Memory, MemoryMismatchError
-from memllm.mplus import ltm_is_empty, retrieving
+from memllm.mplus import RowLTM, ltm_is_empty, retrieving, retrieving_rows
 
 ENCODER_ADAPTER = "default"
 DECODER_ADAPTER = "decoder_adapter"
@@ -340,13 +340,21 @@ class MemoryModel(nn.Module):
         inputs["attention_mask"] = torch.cat([prefix_mask, attention_mask], dim=1)
         return inputs
 
-    def forward_pools(self, input_ids: torch.Tensor, pools: torch.Tensor, labels: torch.Tensor | None = None):
+    def forward_pools(self, input_ids: torch.Tensor, pools: torch.Tensor, labels: torch.Tensor | None = None,
+                      ltm: RowLTM | None = None, attention_mask: torch.Tensor | None = None):
         """Logits of input_ids [B, T] with row b reading memory pools[b] ([B, L, N, d]): one memory per
-        row, differentiable in the pools (training). No long-term memory is read."""
+        row, differentiable in the pools (training). M+: row b retrieves from ltm row b; without a
+        long-term memory (or an empty one) the retrieved slots are masked, as at inference."""
         P = 1 + self.config.num_retrieved + pools.shape[2]
+        read_ltm = ltm is not None and ltm.size > 0 and self.config.num_retrieved > 0
         with self.adapter("decoder"):
-            inputs = self._read_inputs(input_ids, None, self.pool_prefix(pools), P, self.config.num_retrieved > 0)
-            return self.lm(**inputs, labels=labels, use_cache=True)
+            inputs = self._read_inputs(input_ids, attention_mask, self.pool_prefix(pools), P,
+                                       self.config.num_retrieved > 0 and not read_ltm)
+            if not read_ltm:
+                return self.lm(**inputs, labels=labels, use_cache=True)
+            text_mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
+            with retrieving_rows(self, ltm, inputs["cache"], text_mask):
+                return self.lm(**inputs, labels=labels, use_cache=True)
 
     @contextmanager
     def reading(self, memory: Memory, inputs: dict, trace: list | None = None) -> Iterator[None]:

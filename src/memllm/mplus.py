@@ -16,11 +16,12 @@ merge schedule runs (`finish_update`).
 from __future__ import annotations
 
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterator
 
 import torch
 
-from memllm.ltm import LongTermMemory, LTMConfig, Retrieval
+from memllm.ltm import LongTermMemory, LTMConfig, Retrieval, order_by_age
 from memllm.memory import Memory
 
 if TYPE_CHECKING:
@@ -99,13 +100,114 @@ def retrieving(
             if trace is not None:
                 trace.append((l, results))
             rows = torch.stack([ltm.layers[l].rows(r.order) for r in results])  # [B, R, d]
-            dev = model.layers[l].input_layernorm.weight.device
-            k, v = model.prefix_kv(l, rows.to(dev, model.dtype), start=1)
-            layer_cache = cache.layers[l]
-            B = hidden.shape[0]
-            keys, values = layer_cache.keys.expand(B, -1, -1, -1), layer_cache.values.expand(B, -1, -1, -1)
-            layer_cache.keys = torch.cat([keys[:, :, :1], k, keys[:, :, 1 + R:]], dim=2)
-            layer_cache.values = torch.cat([values[:, :, :1], v, values[:, :, 1 + R:]], dim=2)
+            place_retrieved(model, cache, l, rows)
+            return None
+        return hook
+
+    with model.layer_hooks(pre=hook_for):
+        yield
+
+
+def place_retrieved(model: "MemoryModel", cache, l: int, rows: torch.Tensor) -> None:
+    """Write the keys/values of retrieved rows [B, R, d] (positions 1..R) over layer l's placeholders."""
+    R = rows.shape[1]
+    dev = model.layers[l].input_layernorm.weight.device
+    k, v = model.prefix_kv(l, rows.to(dev, model.dtype), start=1)
+    layer_cache = cache.layers[l]
+    B = rows.shape[0]
+    keys, values = layer_cache.keys.expand(B, -1, -1, -1), layer_cache.values.expand(B, -1, -1, -1)
+    layer_cache.keys = torch.cat([keys[:, :, :1], k, keys[:, :, 1 + R:]], dim=2)
+    layer_cache.values = torch.cat([values[:, :, :1], v, values[:, :, 1 + R:]], dim=2)
+
+
+# ---- long-term memory during training --------------------------------------------------------------
+
+
+@dataclass
+class RowLTM:
+    """Long-term memories for training, one per batch row, as dense tensors: every row holds the same
+    number M of vectors per layer. Born empty (`empty`), grown by `drop_to_ltm` at every write, read by
+    `MemoryModel.forward_pools(..., ltm=)` through `retrieving_rows`.
+
+    It follows inference with update_ltm_frequency 1 and no decay (`LongTermMemory` with those
+    settings holds the same rows, in the same order, with the same ages: tests/test_mplus.py): every
+    dropped row is kept (or the newest `max_rows`). Vectors are state, detached, as at inference; keys are
+    recomputed with the current key_proj at every read, so they never go stale while training.
+    """
+
+    vectors: torch.Tensor  # [B, L, M, d]
+    ages: torch.Tensor  # [B, L, M] int64
+    docs: torch.Tensor  # [B, L, M] int64, source document of each row (retriever positives), -1 unknown
+
+    @classmethod
+    def empty(cls, pools: torch.Tensor) -> "RowLTM":
+        B, L, _, d = pools.shape
+        return cls(pools.new_zeros(B, L, 0, d), torch.zeros(B, L, 0, dtype=torch.long, device=pools.device),
+                   torch.zeros(B, L, 0, dtype=torch.long, device=pools.device))
+
+    @property
+    def size(self) -> int:
+        return self.vectors.shape[2]
+
+
+def drop_to_ltm(
+    ltm: RowLTM,
+    pools: torch.Tensor,  # [B, L, N, d] before the write
+    stm_ages: torch.Tensor,  # [B, L, N] int64
+    kept: torch.Tensor,  # [B, L, N - K] ascending
+    pool_docs: torch.Tensor | None = None,  # [B, L, N]
+    stm_ages_grow: bool = False,
+    max_rows: int | None = None,
+) -> tuple[RowLTM, torch.Tensor]:
+    """The rows a write drops go to the long-term memory (as `move_dropped_to_ltm` does at inference):
+    returns (the grown RowLTM, the STM ages after the write)."""
+    B, L, N, d = pools.shape
+    K = N - kept.shape[-1]
+    mask = torch.ones(B, L, N, dtype=torch.bool, device=kept.device)
+    mask.scatter_(2, kept, False)
+    gone = mask.nonzero()[:, 2].view(B, L, K)  # [B, L, K] ascending
+    rows = pools.detach().gather(2, gone.unsqueeze(-1).expand(-1, -1, -1, d))
+    docs = pool_docs.gather(2, gone) if pool_docs is not None else torch.full_like(gone, -1)
+    grown = RowLTM(torch.cat([ltm.vectors, rows.to(ltm.vectors.dtype)], dim=2),
+                   torch.cat([ltm.ages + K, stm_ages.gather(2, gone)], dim=2),
+                   torch.cat([ltm.docs, docs], dim=2))
+    if max_rows is not None and grown.size > max_rows:
+        grown = RowLTM(grown.vectors[:, :, -max_rows:], grown.ages[:, :, -max_rows:], grown.docs[:, :, -max_rows:])
+    new_ages = torch.arange(K - 1, -1, -1, device=stm_ages.device).expand(B, L, K)
+    survivors = stm_ages.gather(2, kept) + (K if stm_ages_grow else 0)
+    return grown, torch.cat([survivors, new_ages], dim=2)
+
+
+@contextmanager
+def retrieving_rows(model: "MemoryModel", ltm: RowLTM, cache, text_mask: torch.Tensor) -> Iterator[None]:
+    """`retrieving` for training: row b retrieves from its own long-term memory (RowLTM row b), with the
+    same score (mean over real tokens of sigmoid(query . key)), top R, oldest first, and the same
+    cyclic repeat when it holds fewer than R rows. The selection is not differentiable; the retriever
+    learns from `retriever_loss`."""
+    R, M = model.config.num_retrieved, ltm.size
+    done: set[int] = set()
+
+    def hook_for(l: int):
+        def hook(module, args, kwargs):
+            if l in done or M == 0:
+                return None
+            done.add(l)
+            hidden = args[0] if args else kwargs["hidden_states"]  # [B, T, d]
+            vectors = ltm.vectors[:, l]  # [B, M, d]
+            B = vectors.shape[0]
+            if M < R:
+                order = (torch.arange(R, device=vectors.device) % M).expand(B, R)
+            else:
+                with torch.no_grad():
+                    layer = model.layers[l]
+                    q = retrieval_queries(model, l, hidden).float()  # [B, T, s]
+                    keys = layer.self_attn.key_proj(layer.input_layernorm(vectors.to(hidden.dtype))).float()
+                    m = text_mask.to(q.dtype).unsqueeze(-1)  # [B, T, 1]
+                    scores = (torch.sigmoid(q @ keys.transpose(1, 2)) * m).sum(1) / m.sum(1)  # [B, M]
+                    selected = torch.topk(scores, R, dim=-1, sorted=False).indices.sort(-1).values
+                    order = order_by_age(selected, ltm.ages[:, l].gather(1, selected))
+            rows = vectors.gather(1, order.unsqueeze(-1).expand(-1, -1, vectors.shape[-1]))
+            place_retrieved(model, cache, l, rows)
             return None
         return hook
 

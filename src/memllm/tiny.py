@@ -45,6 +45,9 @@ def random_model(
     seed: int = 0,
     tokenizer: PreTrainedTokenizerFast | bool = True,
     selector_hidden_dim: int = 16,
+    update_ltm_frequency: int = 2,
+    decay_frequency: float = 1.0,
+    add_encoder_retriever: bool | None = None,
 ) -> MemoryModel:
     """A randomly initialised memory model with an initialised random pool (so reads use a prefix).
 
@@ -66,8 +69,10 @@ def random_model(
     memory_config = MemoryConfig(
         kind=kind, num_tokens=num_tokens, num_blocks=num_blocks, num_ltm_blocks=num_ltm_blocks,
         lora_config=lora, add_decoder_lora=lora is not None,
-        add_selector=kind == "mplus", add_encoder_retriever=kind == "mplus",
-        selector_hidden_dim=selector_hidden_dim, update_ltm_frequency=2, initial_rf_when_moving_stm_to_ltm=2,
+        add_selector=kind == "mplus",
+        add_encoder_retriever=kind == "mplus" if add_encoder_retriever is None else add_encoder_retriever,
+        selector_hidden_dim=selector_hidden_dim, update_ltm_frequency=update_ltm_frequency,
+        decay_frequency=decay_frequency, initial_rf_when_moving_stm_to_ltm=2,
     )
     model = MemoryModel(lm, memory_config, tokenizer=tok).eval()
     initialize_memory_parameters(model, seed)
