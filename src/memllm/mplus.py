@@ -79,7 +79,6 @@ def retrieving(
     text_mask [B, T]: which prompt positions are real (queries average over those only).
     trace: if a list, receives (layer, [Retrieval per row]) for inspection and tests.
     """
-    R = model.config.num_retrieved
     ltm: LongTermMemory = memory.ltm
     done: set[int] = set()
 

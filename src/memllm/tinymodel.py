@@ -25,11 +25,11 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import math
 import random
 import time
-import dataclasses
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
