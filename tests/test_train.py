@@ -49,9 +49,15 @@ def setup(tmp_path_factory) -> dict:
     tmp = tmp_path_factory.mktemp("train")
     model = random_model(lora_rank=4)
     checkpoint.save(model, tmp / "ckpt")
+    # M+: K 8, short-term memory 4 blocks (N 32), R 16; its long-term memory fills from the first step
+    checkpoint.save(random_model(kind="mplus", num_blocks=6, num_ltm_blocks=2, lora_rank=4), tmp / "ckpt_mplus")
     with open(tmp / "docs.jsonl", "w") as f:
         f.writelines(json.dumps({"text": doc}) + "\n" for doc in copy_documents(64, 16, seed=1))
-    return {"tmp": tmp, "ckpt": str(tmp / "ckpt"), "data": [str(tmp / "docs.jsonl")]}
+    return {"tmp": tmp, "ckpt": str(tmp / "ckpt"), "ckpt_mplus": str(tmp / "ckpt_mplus"),
+            "data": [str(tmp / "docs.jsonl")]}
+
+
+KINDS = {"memoryllm": "ckpt", "mplus": "ckpt_mplus"}
 
 
 def config(setup: dict, out: str, **kw) -> TrainConfig:
@@ -90,13 +96,18 @@ def test_train_all_objectives_log_and_save(setup):
     assert all(torch.isfinite(torch.tensor(v)) for r in records for k, v in r.items() if k.startswith("loss/"))
 
 
-def test_train_resume_equals_uninterrupted_run(setup):
-    full = config(setup, "full_run", steps=6, grad_accum=2)
+@pytest.mark.parametrize("kind", KINDS)
+def test_train_resume_equals_uninterrupted_run(setup, kind):
+    ckpt = setup[KINDS[kind]]
+    full = config(setup, f"full_run_{kind}", steps=6, grad_accum=2, model=ckpt)
     train(full)
-    part = config(setup, "resumed", steps=6, grad_accum=2, save_every=2, stop_after=3)
+    part = config(setup, f"resumed_{kind}", steps=6, grad_accum=2, save_every=2, stop_after=3, model=ckpt)
     result = train(part)
     assert result["step"] == 3 and "model" not in result
-    result = train(config(setup, "resumed", steps=6, grad_accum=2, save_every=2))
+    if kind == "mplus":  # the long-term memories are part of the resumable state
+        state = Path(part.out) / "state" / "step_00000003" / "ltm_rank0.pt"
+        assert torch.load(state)["vectors"].shape[2] > 0
+    result = train(config(setup, f"resumed_{kind}", steps=6, grad_accum=2, save_every=2, model=ckpt))
     assert result["step"] == 6
     a, b = trained(Path(full.out)), trained(Path(part.out))
     for name in a:
@@ -135,8 +146,9 @@ def test_train_lowers_memory_conditioned_loss(setup):
     assert after < before - 1.0, (before, after)
 
 
-def test_train_accelerate_two_processes(setup):
-    common = ["--model", setup["ckpt"], "--data", *setup["data"], "--steps", "4", "--context-len", "16",
+@pytest.mark.parametrize("kind", KINDS)
+def test_train_accelerate_two_processes(setup, kind):
+    common = ["--model", setup[KINDS[kind]], "--data", *setup["data"], "--steps", "4", "--context-len", "16",
               "--min-contexts", "2", "--max-contexts", "3", "--num-distractors", "1", "--dropout", "0",
               "--lr", "1e-3", "--memory-reset-prob", "0.2",
               "--seed", "5", "--new-knowledge", "1", "--continuous", "1", "--forgetting", "1", "--plain-lm", "1", "--no-progress", "--dump-params", "--save-every", "100"]
@@ -147,25 +159,26 @@ def test_train_accelerate_two_processes(setup):
     accelerate = str(Path(sys.executable).with_name("accelerate"))
     two = subprocess.run(
         [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-         "--dynamo_backend", "no", "-m", "memllm.train", *common, "--out", str(tmp / "ddp"), "--batch-size", "2"],
+         "--dynamo_backend", "no", "-m", "memllm.train", *common, "--out", str(tmp / f"ddp_{kind}"), "--batch-size", "2"],
         check=False, env=env, capture_output=True, text=True, timeout=240,
     )
     assert two.returncode == 0, two.stderr[-3000:]
     cfg = TrainConfig(model="", data=[], out="", seed=5, new_knowledge=1, continuous=1, forgetting=1, plain_lm=1)
     assert {objective_at(cfg, m) for m in range(4)} == {"new_knowledge", "continuous", "forgetting", "plain_lm"}
     one = subprocess.run(
-        [sys.executable, "-m", "memllm.train", *common, "--out", str(tmp / "single"), "--batch-size", "4"],
+        [sys.executable, "-m", "memllm.train", *common, "--out", str(tmp / f"single_{kind}"), "--batch-size", "4"],
         check=False, env=env, capture_output=True, text=True, timeout=240,
     )
     assert one.returncode == 0, one.stderr[-3000:]
-    r0, r1 = load_file(tmp / "ddp" / "params_rank0.safetensors"), load_file(tmp / "ddp" / "params_rank1.safetensors")
-    single = load_file(tmp / "single" / "params_rank0.safetensors")
+    r0 = load_file(tmp / f"ddp_{kind}" / "params_rank0.safetensors")
+    r1 = load_file(tmp / f"ddp_{kind}" / "params_rank1.safetensors")
+    single = load_file(tmp / f"single_{kind}" / "params_rank0.safetensors")
     assert r0.keys() == single.keys() and len(r0) > 2
     for name in r0:
         assert torch.equal(r0[name], r1[name]), name
         torch.testing.assert_close(r0[name], single[name], atol=1e-4, rtol=0, msg=name)
     # the runs moved the parameters, so the comparison means something
-    start = {n: p for n, p in random_model(lora_rank=4).named_parameters()}
+    start = {n: p for n, p in memllm.load(setup[KINDS[kind]]).named_parameters()}
     assert any(not torch.allclose(single[n], start[n]) for n in single)
 
 

@@ -151,3 +151,31 @@ def test_train_mplus_retriever_loss_is_the_published_bce():
     loss.backward()
     assert model.layers[0].self_attn.key_proj[0].weight.grad is not None
     assert model.layers[0].input_layernorm.weight.grad is None  # only the projectors learn from it
+
+
+def test_train_mplus_prediction_reads_the_long_term_memory():
+    """MemoryTraining with a RowLTM: every dropped row joins it (capped at ltm_rows, newest kept), the
+    prediction retrieves from it (its loss differs from the masked read) and the retriever's candidates
+    include it."""
+    from memllm.mplus import RowLTM
+    from memllm.train import MemoryTraining
+
+    model = mplus_model(seed=3)
+    B, L, N, K = 2, model.num_layers, model.config.num_memory_tokens, model.config.num_tokens
+    g = torch.Generator().manual_seed(0)
+    contexts = torch.randint(3, 200, (B, 5, 16), generator=g)  # 4 injections (32 dropped rows), 1 prediction
+    pool = model.initial_pool.detach().unsqueeze(0).repeat(B, 1, 1, 1)
+    kept = torch.stack([torch.stack([kept_rows(L, N, K, 10 * s + b, True, "cpu") for b in range(B)])
+                        for s in range(4)])
+    docs = torch.tensor([[0, 1, 2, 3, 0], [4, 5, 6, 7, 4]])
+    pool_docs = torch.full((B, L, N), -1)
+    ages = torch.zeros(B, L, N, dtype=torch.long)
+    with torch.no_grad():
+        masked, _, plain = MemoryTraining(model)(contexts, pool, [False] * 4, kept, docs=docs, pool_docs=pool_docs)
+        read, _, info = MemoryTraining(model, ltm_rows=24)(contexts, pool, [False] * 4, kept, docs=docs,
+                                                           pool_docs=pool_docs, ltm=RowLTM.empty(pool), stm_ages=ages)
+    ltm = info["ltm"]
+    assert ltm.size == 24 and ltm.vectors.shape == (B, L, 24, model.hidden_size)
+    assert set(ltm.docs.unique().tolist()) <= {-1, 0, 1, 2, 4, 5, 6}  # written before the last injection
+    assert abs(info["lm_loss"].item() - plain["lm_loss"].item()) > 1e-4
+    assert info["retriever"][1] > 0 and plain["retriever"][1] > 0

@@ -20,21 +20,22 @@ trained, whatever `train` says) with the retriever loss of SPEC §5, weighted by
   the initial pool's rows), updated with the same kept indices as the pool;
 - decoder side: at the prediction, at every layer l, queries q = query_proj(ln_l(h_l)) from the hidden
   states of the predicted tokens entering layer l; candidates = the pool after the injections plus the
-  rows dropped from it during this micro-step (a per-row buffer: the stand-in for the long-term memory,
-  see below); keys k = key_proj(ln_l(row)); score = mean over query tokens of sigmoid(q . k);
+  row's long-term memory (see below); keys k = key_proj(ln_l(row)); score = mean over query tokens of sigmoid(q . k);
   positives = candidates written from the predicted text's document (A's injections: A's x1 for the
   forgetting objective), negatives = all the others (distractors, older rows, the initial pool);
 - encoder side: the same with encoder_query_proj and the hidden states of the context being injected
-  (encoder adapter) against the pool before that injection plus this micro-step's dropped rows;
+  (encoder adapter) against the pool before that injection plus the long-term memory;
   positives = rows of the same document, i.e. A's earlier contexts. Only injections with such rows
   contribute: in practice the continuous objective's x2..x(n-1), and any document met again;
 - loss per (row, layer) = (mean BCE over positives + mean BCE over negatives) / 2, averaged over the
   (row, layer) pairs that have both; the hidden states and rows are detached and the layer norm is not
   trained by it (the published `detach_hidden_state`), so this loss moves the projectors only.
 
-Long-term memory during training (a simplification of the published stage 3): the prediction reads
-the short-term memory only (the R retrieved slots stay masked, as with an empty LTM), and the
-retriever's candidates are the STM plus the rows dropped within the micro-step, not a full LTM. The
+Long-term memory during training: every row also carries a long-term memory (`memllm.mplus.RowLTM`,
+the newest `ltm_rows` vectors its pool dropped, with their ages and documents), which the prediction
+reads through the retriever exactly as inference reads a memory's LTM (merge at every update, no
+decay: tested equal), and which joins the pool among the retriever loss's candidates. `ltm_rows 0`
+trains without one (retrieved slots masked; candidates = pool + this micro-step's dropped rows). The
 trained checkpoint keeps the loaded model's long-term memory, its keys recomputed with the trained
 `key_proj`. Per step the metrics log `retriever/loss`, `retriever/encoder_loss` and the retriever's
 precision and recall of the related rows at top-k, k = the number of positives (the two are equal
@@ -68,6 +69,7 @@ from torch.utils.checkpoint import checkpoint
 from memllm.data import TokenCorpus, read_documents
 from memllm.inject import delta_memory
 from memllm.model import MemoryModel
+from memllm.mplus import RowLTM, drop_to_ltm
 from memllm.retriever import (
     layer_inputs,
     refresh_ltm_keys,
@@ -104,6 +106,7 @@ class TrainConfig:
     forgetting: float = 0.2
     plain_lm: float = 0.1
     retriever_weight: float = 1.0  # M+ only: weight of the retriever loss next to the LM loss
+    ltm_rows: int = -1  # M+ only: long-term vectors kept per row and layer (-1: N; 0: no long-term memory)
     context_len: int = 512  # tokens per context x_i
     min_contexts: int = 3  # continuous objective: n contexts, drawn from [min, max] ...
     max_contexts: int = 6
@@ -167,9 +170,11 @@ def add_arguments(parser: argparse.ArgumentParser, required: bool = True) -> Non
 # ---- reading and writing per-row memories --------------------------------------------------------
 
 
-def read(model: MemoryModel, pool: torch.Tensor, input_ids: torch.Tensor, labels: torch.Tensor | None = None):
-    """Forward of input_ids [B, T] with row b reading memory pool[b] ([B, L, N, d]), differentiable."""
-    return model.forward_pools(input_ids, pool, labels=labels)
+def read(model: MemoryModel, pool: torch.Tensor, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
+         ltm: RowLTM | None = None):
+    """Forward of input_ids [B, T] with row b reading memory pool[b] ([B, L, N, d]) (and, M+, retrieving
+    from ltm row b), differentiable in the pool."""
+    return model.forward_pools(input_ids, pool, labels=labels, ltm=ltm)
 
 
 def kept_rows(L: int, N: int, K: int, seed: int, per_layer: bool, device: torch.device) -> torch.Tensor:
@@ -211,11 +216,13 @@ class MemoryTraining(nn.Module):
     prediction and its loss (plus, for M+, the retriever loss). One forward per backward is what
     DDP / FSDP wrappers expect."""
 
-    def __init__(self, model: MemoryModel, gradient_checkpointing: bool = False, retriever_weight: float = 1.0) -> None:
+    def __init__(self, model: MemoryModel, gradient_checkpointing: bool = False, retriever_weight: float = 1.0,
+                 ltm_rows: int | None = None) -> None:
         super().__init__()
         self.model = model
         self.gradient_checkpointing = gradient_checkpointing
         self.retriever_weight = retriever_weight
+        self.ltm_rows = ltm_rows  # long-term rows kept per row and layer (None: all)
 
     def forward(
         self,
@@ -226,27 +233,40 @@ class MemoryTraining(nn.Module):
         plain: bool = False,  # plain LM: no injection, predict all contexts as one text
         docs: torch.Tensor | None = None,  # [B, n] document of each context (M+ retriever loss)
         pool_docs: torch.Tensor | None = None,  # [B, L, N] document of each pool row, -1: unknown
+        ltm: RowLTM | None = None,  # M+: each row's long-term memory (needs docs and pool_docs)
+        stm_ages: torch.Tensor | None = None,  # [B, L, N] with ltm: ages of the pool rows
     ) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
         """(loss, pool after the injections (detached), info).
 
         info: "lm_loss" (detached); with docs and pool_docs also "pool_docs" after the injections; for
         an M+ model with docs, "retriever" and "encoder" [6] statistics (see `retriever_loss`) and the
-        loss includes retriever_weight * (decoder + encoder retriever losses).
+        loss includes retriever_weight * (decoder + encoder retriever losses); with ltm, "ltm" and
+        "stm_ages" after the injections (every dropped row joins the long-term memory, which the
+        prediction reads and the retriever's candidates include).
         """
         model = self.model
         B, n, T = contexts.shape
         N = pool.shape[2]
         track = docs is not None and pool_docs is not None
+        if ltm is not None and (not track or stm_ages is None):
+            raise ValueError("training with a long-term memory needs docs, pool_docs and stm_ages")
         retriever = track and model.config.kind == "mplus" and self.retriever_weight > 0
         encoder = retriever and model.config.add_encoder_retriever
         info: dict[str, Any] = {}
         extra = []  # retriever losses
-        drop_rows: list[torch.Tensor] = []  # rows dropped in this micro-step [B, L, K, d]
+        drop_rows: list[torch.Tensor] = []  # without ltm: rows dropped in this micro-step [B, L, K, d]
         drop_docs: list[torch.Tensor] = []
+
+        def candidates(pool: torch.Tensor, pool_docs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            """Retriever candidates [B, L, C, d] and their documents: the pool and the long-term memory
+            (without one, the rows dropped in this micro-step)."""
+            more, more_docs = ([ltm.vectors], [ltm.docs]) if ltm is not None else (drop_rows, drop_docs)
+            return torch.cat([pool.detach(), *more], dim=2), torch.cat([pool_docs, *more_docs], dim=2)
+
         if plain:
             captured: dict[int, torch.Tensor] = {}
             text = contexts.reshape(B, n * T)
-            loss = self._read(pool, text, captured if retriever else None)
+            loss = self._read(pool, text, captured if retriever else None, ltm)
         else:
             for i in range(n - 1):
                 ids = contexts[:, i]
@@ -257,25 +277,27 @@ class MemoryTraining(nn.Module):
                     with torch.no_grad(), layer_inputs(model, captured, T) if encoder else _nothing():
                         delta = delta_memory(model, pool.detach(), ids)
                 if encoder:
-                    cand = torch.cat([pool.detach(), *drop_rows], dim=2)
-                    cand_docs = torch.cat([pool_docs, *drop_docs], dim=2)
+                    cand, cand_docs = candidates(pool, pool_docs)
                     positive = (cand_docs == docs[:, i].view(B, 1, 1)) & (cand_docs >= 0)
                     if bool(positive.any()):
                         e_loss, e_stats = retriever_loss(model, captured, cand, positive, "encoder_query_proj")
                         extra.append(e_loss)
                         info["encoder"] = info.get("encoder", 0) + e_stats
-                if track:
+                if ltm is not None:
+                    ltm, stm_ages = drop_to_ltm(ltm, pool, stm_ages, kept[i], pool_docs,
+                                                model.config.stm_ages_grow, self.ltm_rows)
+                elif track:
                     gone = dropped_rows(kept[i], N)  # [B, L, K]
                     drop_rows.append(pool.detach().gather(2, gone.unsqueeze(-1).expand(-1, -1, -1, pool.shape[-1])))
                     drop_docs.append(pool_docs.gather(2, gone))
+                if track:
                     pool_docs = write_docs(pool_docs, docs[:, i], kept[i])
                 pool = write(pool, delta, kept[i])
             captured = {}
-            loss = self._read(pool, contexts[:, -1], captured if retriever else None)
+            loss = self._read(pool, contexts[:, -1], captured if retriever else None, ltm)
         info["lm_loss"] = loss.detach()
         if retriever:
-            cand = torch.cat([pool.detach(), *drop_rows], dim=2)
-            cand_docs = torch.cat([pool_docs, *drop_docs], dim=2)
+            cand, cand_docs = candidates(pool, pool_docs)
             positive = (cand_docs == docs[:, -1].view(B, 1, 1)) & (cand_docs >= 0)
             r_loss, info["retriever"] = retriever_loss(model, captured, cand, positive, "query_proj")
             extra.append(r_loss)
@@ -284,6 +306,8 @@ class MemoryTraining(nn.Module):
             loss = loss + self.retriever_weight * sum(extra)
         if track:
             info["pool_docs"] = pool_docs
+        if ltm is not None:
+            info["ltm"], info["stm_ages"] = ltm, stm_ages
         return loss, pool.detach(), info
 
     def _inject(self, pool: torch.Tensor, ids: torch.Tensor, captured: dict | None = None) -> torch.Tensor:
@@ -295,10 +319,11 @@ class MemoryTraining(nn.Module):
             return checkpoint(inject, pool, ids, use_reentrant=False)
         return inject(pool, ids)
 
-    def _read(self, pool: torch.Tensor, ids: torch.Tensor, captured: dict | None = None) -> torch.Tensor:
+    def _read(self, pool: torch.Tensor, ids: torch.Tensor, captured: dict | None = None,
+              ltm: RowLTM | None = None) -> torch.Tensor:
         def loss(pool: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
             with layer_inputs(self.model, captured, ids.shape[1]) if captured is not None else _nothing():
-                return read(self.model, pool, ids, labels=ids).loss
+                return read(self.model, pool, ids, labels=ids, ltm=ltm).loss
 
         if self.gradient_checkpointing and torch.is_grad_enabled():
             return checkpoint(loss, pool, ids, use_reentrant=False)
@@ -456,7 +481,10 @@ def _train(cfg: TrainConfig) -> dict[str, Any]:
     corpus = TokenCorpus.from_texts(read_documents(cfg.data, cfg.split_blank_lines, max_documents=cfg.max_documents),
                                     model.tokenizer)
     params = trainable_parameters(model, cfg.train)
-    module = MemoryTraining(model, cfg.gradient_checkpointing, cfg.retriever_weight).train()
+    N = model.config.num_memory_tokens
+    use_ltm = mplus and cfg.ltm_rows != 0
+    module = MemoryTraining(model, cfg.gradient_checkpointing, cfg.retriever_weight,
+                            N if cfg.ltm_rows < 0 else cfg.ltm_rows).train()
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
     def schedule(step: int) -> float:  # linear warm-up, cosine decay to 10%
@@ -473,6 +501,9 @@ def _train(cfg: TrainConfig) -> dict[str, Any]:
     initial = model.initial_pool.detach()  # [L, N, d]
     pools = initial.unsqueeze(0).repeat(B, 1, 1, 1)  # [B, L, N, d] one memory per row
     pool_docs = torch.full(pools.shape[:3], -1, dtype=torch.long, device=acc.device)  # which document wrote each row
+    # M+: each row's long-term memory (what its pool dropped) and the ages of its pool rows
+    ltm = RowLTM.empty(pools) if use_ltm else None
+    stm_ages = torch.zeros(pools.shape[:3], dtype=torch.long, device=acc.device) if use_ltm else None
     step = 0
     state_dir = out / "state"
     if cfg.resume and (state_dir / "latest").is_file():
@@ -482,6 +513,9 @@ def _train(cfg: TrainConfig) -> dict[str, Any]:
         pools = torch.load(last / f"pools_rank{rank}.pt", map_location=acc.device)
         if (last / f"pool_docs_rank{rank}.pt").is_file():
             pool_docs = torch.load(last / f"pool_docs_rank{rank}.pt", map_location=acc.device)
+        if use_ltm and (last / f"ltm_rank{rank}.pt").is_file():
+            saved = torch.load(last / f"ltm_rank{rank}.pt", map_location=acc.device)
+            ltm, stm_ages = RowLTM(saved["vectors"], saved["ages"], saved["docs"]), saved["stm_ages"]
 
     if acc.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
@@ -501,19 +535,22 @@ def _train(cfg: TrainConfig) -> dict[str, Any]:
             batch = make_batch(cfg, corpus, model, m, rows)
             torch.manual_seed(hash((cfg.seed, m, rank)) % (1 << 62))  # dropout: reproducible on resume
             for b, reset in enumerate(batch.reset):
-                if reset:
+                if reset:  # the short-term memory restarts; the long-term one keeps its (now unrelated) rows
                     pools[b] = initial
                     pool_docs[b] = -1
+                    if stm_ages is not None:
+                        stm_ages[b] = 0
             with acc.accumulate(module):
                 loss, pools, info = module(batch.contexts.to(acc.device), pools, batch.grad, batch.kept.to(acc.device),
                                            plain=batch.objective == "plain_lm", docs=batch.docs.to(acc.device),
-                                           pool_docs=pool_docs)
+                                           pool_docs=pool_docs, ltm=ltm, stm_ages=stm_ages)
                 acc.backward(loss)
                 if acc.sync_gradients and cfg.max_grad_norm:
                     acc.clip_grad_norm_(params, cfg.max_grad_norm)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
             pools, pool_docs = pools.detach(), info["pool_docs"]
+            ltm, stm_ages = info.get("ltm", ltm), info.get("stm_ages", stm_ages)
             window.setdefault(batch.objective, []).append(acc.reduce(info["lm_loss"], "mean").item())
             if mplus:  # sums over every process (each may have a different number of scored pairs)
                 for key in retr_window:
@@ -540,7 +577,7 @@ def _train(cfg: TrainConfig) -> dict[str, Any]:
         if bar is not None:
             bar.update(1)
         if step % cfg.save_every == 0 or step == end:
-            save_state(acc, state_dir, step, pools, pool_docs)
+            save_state(acc, state_dir, step, pools, pool_docs, ltm, stm_ages)
     if bar is not None:
         bar.close()
 
@@ -565,15 +602,19 @@ def _train(cfg: TrainConfig) -> dict[str, Any]:
     return result
 
 
-def save_state(acc, state_dir: Path, step: int, pools: torch.Tensor, pool_docs: torch.Tensor | None = None) -> None:
-    """Resumable state: accelerate's (model, optimizer, scheduler, RNG), each rank's memories (and the
-    documents of their rows), the step. `latest` is written last, so an interrupted save leaves the
-    previous state in force."""
+def save_state(acc, state_dir: Path, step: int, pools: torch.Tensor, pool_docs: torch.Tensor | None = None,
+               ltm: RowLTM | None = None, stm_ages: torch.Tensor | None = None) -> None:
+    """Resumable state: accelerate's (model, optimizer, scheduler, RNG), each rank's memories (the
+    documents of their rows, M+ their long-term memories), the step. `latest` is written last, so an
+    interrupted save leaves the previous state in force."""
     path = state_dir / f"step_{step:08d}"
     acc.save_state(str(path))
     torch.save(pools.cpu(), path / f"pools_rank{acc.process_index}.pt")
     if pool_docs is not None:
         torch.save(pool_docs.cpu(), path / f"pool_docs_rank{acc.process_index}.pt")
+    if ltm is not None:
+        torch.save({"vectors": ltm.vectors.cpu(), "ages": ltm.ages.cpu(), "docs": ltm.docs.cpu(),
+                    "stm_ages": stm_ages.cpu()}, path / f"ltm_rank{acc.process_index}.pt")
     acc.wait_for_everyone()
     if acc.is_main_process:
         (path / "trainer.json").write_text(json.dumps({"step": step}))
@@ -616,7 +657,8 @@ def retriever_metrics(model: MemoryModel, contexts: torch.Tensor, num_distractor
     kept = torch.stack([torch.stack([kept_rows(L, N, K, seed + 1000 * s + i, True, pool.device) for i in range(D)])
                         for s in range(n - 1)])  # [n-1, D, L, N-K]
     module = MemoryTraining(model)
-    _, _, info = module(ids.to(model.device), pool, [False] * (n - 1), kept, docs=docs, pool_docs=pool_docs)
+    _, _, info = module(ids.to(model.device), pool, [False] * (n - 1), kept, docs=docs, pool_docs=pool_docs,
+                        ltm=RowLTM.empty(pool), stm_ages=torch.zeros(pool.shape[:3], dtype=torch.long))
     return retriever_record({"retriever": info["retriever"], "encoder": torch.zeros(6, dtype=torch.float64)})
 
 
