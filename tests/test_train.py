@@ -204,3 +204,24 @@ def test_train_gradient_checkpointing_gives_same_gradients():
 def test_train_bf16_with_checkpointing_runs(setup):
     result = train(config(setup, "bf16", steps=2, mixed_precision="bf16", gradient_checkpointing=True))
     assert result["step"] == 2 and all(torch.isfinite(torch.tensor(v)) for v in result["losses"].values())
+
+
+def test_train_reads_a_datasets_source_streamed(setup, tmp_path, monkeypatch):
+    """A folder of parquet files goes through `datasets.load_dataset(..., streaming=True)`, first
+    max_documents records only; training runs on it."""
+    datasets = pytest.importorskip("datasets")
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    texts = copy_documents(40, 16, seed=7)
+    (tmp_path / "ds").mkdir()
+    pq.write_table(pa.table({"text": texts, "id": list(range(40))}), tmp_path / "ds" / "train.parquet")
+    calls = []
+    real = datasets.load_dataset
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **kw: calls.append(kw) or real(*a, **kw))
+    assert read_documents([str(tmp_path / "ds")], max_documents=5) == texts[:5]
+    assert calls and calls[0]["streaming"] is True
+    with pytest.raises(ValueError, match="no field 'body'"):
+        read_documents([str(tmp_path / "ds")], text_field="body")
+    result = train(config(setup, "datasets_run", steps=2, data=[str(tmp_path / "ds")], max_documents=30))
+    assert result["step"] == 2 and Path(result["model"]).is_dir()

@@ -1,8 +1,8 @@
 """Training text for memory models: documents in, fixed-length token windows out.
 
 Documents come from .txt files (one per file, or several separated by blank lines with
-`split_blank_lines`), .jsonl files (field "text") or a Hugging Face `datasets` name (streamed, first
-`max_documents`). They are tokenised with the model's own tokenizer and laid end to end in one token
+`split_blank_lines`), .jsonl files (field "text") or a Hugging Face `datasets` source, a hub name or a
+local folder of parquet files (streamed, first `max_documents`). They are tokenised with the model's own tokenizer and laid end to end in one token
 stream, separated by the tokenizer's EOS token, remembering where each document starts.
 
 The training objectives need, per batch row, n consecutive contexts of `length` tokens from one
@@ -31,13 +31,17 @@ def read_documents(
     text_field: str = "text",
     max_documents: int | None = None,
 ) -> list[str]:
-    """Documents from .txt / .jsonl files or dataset names ("name" or "name:config", split "train")."""
+    """Documents from .txt / .jsonl files, folders of them, or `datasets` sources: a hub name ("name" or
+    "name:config") or a folder of parquet / arrow / csv files (split "train", streamed)."""
     docs: list[str] = []
     for source in paths:
         path = Path(source)
         if path.is_dir():
             files = sorted(p for p in path.rglob("*") if p.suffix in (".txt", ".jsonl"))
-            docs += read_documents(files, split_blank_lines, text_field, None)
+            if files:
+                docs += read_documents(files, split_blank_lines, text_field, None)
+            else:  # a saved / downloaded dataset (parquet, arrow, ...): through `datasets`, streamed
+                docs += _dataset_documents(str(source), text_field, max_documents)
         elif path.suffix == ".jsonl":
             with open(path) as f:
                 for i, line in enumerate(f):
@@ -69,6 +73,8 @@ def _dataset_documents(name: str, text_field: str, max_documents: int | None) ->
     limit = max_documents or 100_000
     out = []
     for record in stream:
+        if text_field not in record:
+            raise ValueError(f"{name}: records have no field {text_field!r} (fields: {', '.join(record)})")
         out.append(record[text_field])
         if len(out) >= limit:
             break
