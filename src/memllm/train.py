@@ -448,7 +448,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 
 def _train(cfg: TrainConfig) -> dict[str, Any]:
     from accelerate import Accelerator
-    from accelerate.utils import DistributedDataParallelKwargs
+    from accelerate.utils import DistributedDataParallelKwargs, DistributedType
 
     from memllm import checkpoint as ckpt
 
@@ -589,17 +589,37 @@ def _train(cfg: TrainConfig) -> dict[str, Any]:
 
         save_file({n: p.detach().cpu().contiguous() for n, p in unwrapped.named_parameters() if p.requires_grad},
                   out / f"params_rank{rank}.safetensors")
+    sharded = acc.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+    # FSDP / DeepSpeed hold shards: gather every parameter (a collective: all ranks) into a fresh copy
+    state = acc.get_state_dict(module) if sharded and step >= cfg.steps else None
     if step >= cfg.steps and acc.is_main_process:
+        trained = model_from_state(cfg.model, state) if sharded else unwrapped
         with torch.no_grad():  # the memory of row 0 becomes the checkpoint's trained initial pool
-            unwrapped.initial_pool.copy_(pools[0])
-        unwrapped.initialized = True
+            trained.initial_pool.copy_(pools[0])
+        trained.initialized = True
         if mplus:
-            refresh_ltm_keys(unwrapped)
-        ckpt.save(unwrapped, out / "model")
+            refresh_ltm_keys(trained)
+        ckpt.save(trained, out / "model")
         result["model"] = str(out / "model")
     acc.wait_for_everyone()
     acc.end_training()
     return result
+
+
+def model_from_state(model_dir: str, state: dict[str, torch.Tensor]) -> MemoryModel:
+    """The checkpoint in model_dir with the gathered training state (keys of `MemoryTraining`:
+    "model.<name>") loaded into it: how a sharded run (FSDP, DeepSpeed) gets a whole model to save."""
+    from memllm import checkpoint as ckpt
+
+    model = ckpt.load(model_dir, dtype=torch.float32, load_tokenizer=True)
+    own = model.state_dict()
+    weights = {k.removeprefix("model."): v for k, v in state.items()}
+    missing = sorted(set(own) - set(weights))
+    unexpected = sorted(set(weights) - set(own))
+    if missing or unexpected:
+        raise ValueError(f"gathered state does not match {model_dir}: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    model.load_state_dict({k: v.to(own[k].dtype) for k, v in weights.items()})
+    return model
 
 
 def save_state(acc, state_dir: Path, step: int, pools: torch.Tensor, pool_docs: torch.Tensor | None = None,
