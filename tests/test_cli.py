@@ -80,13 +80,37 @@ def test_init_from_base(tmp_path: Path) -> None:
     assert memllm.load(tmp_path / "mm").config.num_memory_tokens == 32
 
 
-def test_demo_runs_and_reload_is_identical(tmp_path: Path) -> None:
+def test_demo_uses_the_shipped_models_and_they_answer_from_memory(tmp_path: Path) -> None:
     from rich.console import Console
 
     from memllm.demo import run_demo
 
     result = run_demo(Console(file=open(tmp_path / "log", "w")), tmp_path)
     assert result["identical_after_reload"] is True
+    assert result["questions"] == 6 and result["distractors"] == 24
+    # what the models answer comes from memory: a fresh memory knows nothing about these people
+    assert result["memoryllm"] >= 4 and result["mplus"] >= 4 and result["floor"] <= 1, result
+
+
+def test_shipped_models_load_by_name_and_eval_retention_defaults_to_them(tmp_path: Path) -> None:
+    import json
+
+    for name, kind in (("tiny-memoryllm", "memoryllm"), ("tiny-mplus", "mplus")):
+        model = memllm.load(name)
+        assert model.config.kind == kind and model.tokenizer is not None and model.initialized
+    r = run("eval", "retention", "--n-people", "2", "--counts", "0", "--plot", str(tmp_path / "r.png"))
+    assert r.exit_code == 0, r.output
+    summary = json.loads(r.stdout.strip().splitlines()[-1])
+    assert {"acc_at_0", "floor", "mplus_gain_at_3x"} <= set(summary)
+    assert (tmp_path / "r.png").stat().st_size > 0
+
+
+def test_a_missing_shipped_model_is_a_clear_error(monkeypatch, tmp_path: Path) -> None:
+    from memllm import checkpoint
+
+    monkeypatch.setattr(checkpoint, "__file__", str(tmp_path / "checkpoint.py"))
+    with pytest.raises(memllm.CheckpointError, match="tiny-mplus is not in this installation"):
+        memllm.load("tiny-mplus")
 
 
 def test_bench_passes_its_options_through_and_ends_with_json() -> None:

@@ -44,8 +44,24 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be loaded as a memory model; the message says why."""
 
 
+# Our own tiny models (`python -m memllm.tinymodel`), shipped inside the package: loadable by name.
+SHIPPED = {"tiny-memoryllm": "memoryllm", "tiny-mplus": "mplus"}
+
+
+def shipped_path(name: str) -> Path:
+    """The package directory of a shipped tiny model ("tiny-memoryllm" or "tiny-mplus")."""
+    path = Path(__file__).parent / "assets" / "tiny" / SHIPPED[name]
+    if not (path / "config.json").is_file():
+        raise CheckpointError(f"{name} is not in this installation ({path} is missing); "
+                              "`python -m memllm.tinymodel --out DIR` trains it")
+    return path
+
+
 def resolve(path_or_id: str | os.PathLike) -> Path:
-    """A local directory, or a Hugging Face hub id downloaded into the local cache."""
+    """A local directory, a shipped tiny model's name, or a Hugging Face hub id downloaded into the
+    local cache."""
+    if str(path_or_id) in SHIPPED and not Path(path_or_id).exists():
+        return shipped_path(str(path_or_id))
     path = Path(path_or_id)
     if path.is_dir():
         return path

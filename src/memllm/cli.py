@@ -257,9 +257,10 @@ def init(
 
 @app.command()
 def demo(
-    workdir: Optional[Path] = typer.Option(None, help="where to keep the demo's model and memory"),
+    workdir: Optional[Path] = typer.Option(None, help="where to keep the demo's memory file"),
 ) -> None:
-    """The whole loop on a small model: create a memory, inject, ask, save, reload, compare."""
+    """The shipped tiny MemoryLLM and M+ models: inject biographies, ask, save and reload the memory,
+    inject distractors, ask again."""
     from memllm.demo import run_demo
 
     run_demo(out, workdir)
@@ -286,12 +287,12 @@ def bench(ctx: typer.Context) -> None:
 
 @app.command("eval", context_settings=PASS_THROUGH)
 def evaluate(ctx: typer.Context) -> None:
-    """Evaluations. `memllm eval retention CHECKPOINT... [OPTIONS]`: inject a biography, then n
+    """Evaluations. `memllm eval retention [CHECKPOINT...] [OPTIONS]`: inject a biography, then n
     distractors, then ask; accuracy per n with 95% CIs, the no-memory floor and the survival law
-    (options of `python -m memllm.evaluate --help`)."""
+    (options of `python -m memllm.evaluate --help`). No checkpoint: the shipped tiny models."""
     args = list(ctx.args)
     if args[:1] != ["retention"]:
-        _fail("usage: memllm eval retention CHECKPOINT... [OPTIONS]")
+        _fail("usage: memllm eval retention [CHECKPOINT...] [OPTIONS]")
     from memllm.evaluate import main as evaluate_main
 
     evaluate_main(args[1:])

@@ -1,80 +1,111 @@
-"""`memllm demo`: the whole loop of a memory model on a machine with no checkpoint and no network.
+"""`memllm demo`: the project's own tiny memory models, on a machine with no GPU and no network.
 
-Until the project's own trained tiny model ships, the demo runs on a small *random* model: it shows
-the mechanics (a checkpoint on disk, a memory written, asked, saved and reloaded in a new process with
-identical logits), and says plainly that its answers are meaningless.
+The package ships two ~1M-parameter models trained here from scratch (`python -m memllm.tinymodel`) on
+a synthetic world of invented people: MemoryLLM and M+ (the same model plus a retriever and a
+long-term memory). Nothing about the demo's people is in their weights (they are held out from
+training, and their names and facts are invented): every right answer comes from the memory.
+
+The demo writes three biographies into a memory of each model, asks about them (and asks a fresh
+memory, the no-memory floor), saves the MemoryLLM memory and reloads it, then writes three times as
+many distractor texts as the short-term memory holds and asks again: MemoryLLM has dropped most of
+what it read, M+ brings it back from long-term memory.
 """
 
 from __future__ import annotations
 
-import subprocess
-import sys
+import random
 import tempfile
+import warnings
 from pathlib import Path
 
-import torch
 from rich.console import Console
 from rich.panel import Panel
+from rich.table import Table
 
 import memllm
-from memllm.tiny import random_model
+from memllm.evaluate import first_word
+from memllm.world import World, WorldConfig
 
-PARAGRAPH = (
-    "Zorvan Kettle was born in Velmora in 1987. He works as a glassblower for Quillmarsh Works, "
-    "keeps a tortoise named Pim, and his favourite colour is teal."
-)
-QUESTION = "Where was Zorvan Kettle born?"
-PROBE = "Zorvan Kettle was born in"
+NAMES = {"memoryllm": "tiny-memoryllm", "mplus": "tiny-mplus"}
+PEOPLE, SEED = 3, 7
 
 
-def _logits_in_new_process(model_dir: Path, memory_path: Path, prompt: str) -> torch.Tensor:
-    out = memory_path.with_suffix(".logits.pt")
-    script = (
-        "import torch, memllm\n"
-        f"m = memllm.load({str(model_dir)!r})\n"
-        f"mem = m.load_memory({str(memory_path)!r})\n"
-        f"ids = m.tokenizer({prompt!r}, return_tensors='pt', add_special_tokens=False).input_ids\n"
-        "with torch.no_grad():\n"
-        f"    torch.save(m(ids, mem).logits, {str(out)!r})\n"
-    )
-    subprocess.run([sys.executable, "-c", script], check=True, capture_output=True)
-    return torch.load(out)
+def _answers(models: dict, memories: dict, prompts: list[str]) -> dict[str, list[str]]:
+    return {k: [first_word(a) for a in models[k].ask(memories[k], prompts, max_new_tokens=3, chat=False)]
+            for k in models}
+
+
+def _table(console: Console, title: str, prompts: list[str], truth: list[str], columns: dict[str, list[str]]) -> None:
+    table = Table(title=title, title_justify="left")
+    table.add_column("question")
+    table.add_column("truth")
+    for name in columns:
+        table.add_column(name)
+    for i, prompt in enumerate(prompts):
+        cells = [f"[green]{c[i]}[/]" if c[i] == truth[i] else f"[red]{c[i] or '-'}[/]" for c in columns.values()]
+        table.add_row(prompt, truth[i], *cells)
+    console.print(table)
 
 
 def run_demo(console: Console, workdir: Path | None = None) -> dict:
-    """Run the demo, printing as it goes; returns what it measured."""
-    tmp = None
-    if workdir is None:
-        tmp = tempfile.TemporaryDirectory(prefix="memllm-demo-")
-        workdir = Path(tmp.name)
+    """Run the demo, printing as it goes; returns the answers and what it measured."""
+    tmp = tempfile.TemporaryDirectory(prefix="memllm-demo-") if workdir is None else None
+    workdir = Path(tmp.name) if tmp is not None else workdir
     workdir.mkdir(parents=True, exist_ok=True)
+    warnings.filterwarnings("ignore", message="context of .* tokens")  # biographies are short by design
+    models = {k: memllm.load(name).eval() for k, name in NAMES.items()}
+    K, N = models["memoryllm"].config.num_tokens, models["memoryllm"].config.num_memory_tokens
+    params = sum(p.numel() for p in models["memoryllm"].parameters()) / 1e6
     console.print(Panel(
-        "This demo uses a small model with [bold]random weights[/]: its answers are meaningless.\n"
-        "It shows the mechanics: a memory model on disk, a memory written, asked, saved and reloaded.",
-        title="memllm demo", border_style="yellow",
-    ))
-    model_dir = memllm.save(random_model(num_layers=4, hidden_size=128, num_tokens=64, num_blocks=4, seed=0),
-                            workdir / "model")
-    model = memllm.load(model_dir)
-    console.print(f"model: {model_dir}  (layers {model.num_layers}, memory {model.config.num_memory_tokens} "
-                  f"vectors/layer, K {model.config.num_tokens})")
+        f"Two tiny memory models trained by this project on CPU ({params:.1f}M parameters, {len(models['memoryllm'].layers)} "
+        f"layers; memory of {N} vectors per layer, {K} written per text: {N // K} texts fit in short-term memory).\n"
+        "The people below are invented and were never seen in training: what the models know about them "
+        "comes from their memory.", title="memllm demo", border_style="cyan"))
 
-    memory = model.new_memory()
-    n = model.inject(memory, PARAGRAPH)
-    console.print(f"injected {n} chunk(s) of: [italic]{PARAGRAPH}[/]")
-    answer = model.ask(memory, QUESTION, max_new_tokens=12)
-    console.print(f"Q: {QUESTION}\nA (random model): {answer!r}")
+    world = World(WorldConfig(seed=0))  # the world the shipped models were trained on
+    rng = random.Random(SEED)
+    people = world.heldout_people(PEOPLE, seed=SEED)
+    bios = [world.biography(p, rng) for p in people]
+    questions = [world.question(p, a, rng) for p in people for a in rng.sample(world.attributes, 2)]
+    prompts, truth = [q for q, _ in questions], [a.strip() for _, a in questions]
 
-    path = memory.save(workdir / "zorvan.mem")
-    console.print(f"memory saved -> {path} ({path.stat().st_size / 1024:.0f} KiB)")
-    ids = model.tokenizer(PROBE, return_tensors="pt", add_special_tokens=False).input_ids
-    with torch.no_grad():
-        here = model(ids, memory).logits
-        fresh = model(ids, model.new_memory()).logits
-    there = _logits_in_new_process(model_dir, path, PROBE)
-    identical = torch.equal(here, there)
-    console.print(f"reloaded in a new process: logits identical = [bold]{identical}[/]; "
-                  f"the memory moved the logits by {(here - fresh).abs().max().item():.3g} vs an empty memory")
+    memories = {k: m.new_memory() for k, m in models.items()}
+    for bio in bios:
+        console.print(f"inject: [italic]{bio}[/]")
+        for k, m in models.items():
+            m.inject(memories[k], bio)
+    floor = _answers({"memoryllm": models["memoryllm"]}, {"memoryllm": models["memoryllm"].new_memory()}, prompts)
+    now = _answers(models, memories, prompts)
+    _table(console, "after reading the biographies", prompts, truth,
+           {"no memory": floor["memoryllm"], "MemoryLLM": now["memoryllm"], "M+": now["mplus"]})
+
+    path = memories["memoryllm"].save(workdir / "people.mem")
+    reloaded = models["memoryllm"].load_memory(str(path))
+    again = _answers({"memoryllm": models["memoryllm"]}, {"memoryllm": reloaded}, prompts)["memoryllm"]
+    identical = again == now["memoryllm"]
+    console.print(f"MemoryLLM memory saved to {path.name} ({path.stat().st_size / 1e6:.1f} MB) and reloaded: "
+                  f"answers identical = [bold]{identical}[/]")
+
+    n = 3 * N // K
+    console.print(f"inject {n} distractor texts (3x the short-term capacity), e.g. "
+                  f"[italic]{world.distractor(random.Random(0))}[/]")
+    for _ in range(n):
+        text = world.distractor(rng)
+        for k, m in models.items():
+            m.inject(memories[k], text)
+    later = _answers(models, memories, prompts)
+    _table(console, f"after {n} distractors", prompts, truth, {"MemoryLLM": later["memoryllm"], "M+": later["mplus"]})
+
+    def score(answers: list[str]) -> int:
+        return sum(a == t for a, t in zip(answers, truth))
+
+    result = {"questions": len(prompts), "floor": score(floor["memoryllm"]),
+              "memoryllm": score(now["memoryllm"]), "mplus": score(now["mplus"]),
+              "memoryllm_after": score(later["memoryllm"]), "mplus_after": score(later["mplus"]),
+              "distractors": n, "identical_after_reload": identical}
+    console.print(f"right answers of {len(prompts)}: no memory {result['floor']}; MemoryLLM {result['memoryllm']} "
+                  f"then {result['memoryllm_after']} after {n} distractors; M+ {result['mplus']} then "
+                  f"{result['mplus_after']}.  Full curves: `memllm eval retention`.")
     if tmp is not None:
         tmp.cleanup()
-    return {"identical_after_reload": identical, "answer": answer}
+    return result

@@ -1,6 +1,8 @@
 """Retention of facts in memory: recall of held-out people's facts after n distractor injections.
 
-    python -m memllm.evaluate CHECKPOINT [CHECKPOINT ...] [--n-people 100] [--plot retention.png]
+    python -m memllm.evaluate [CHECKPOINT ...] [--n-people 100] [--plot retention.png]
+
+With no checkpoint it evaluates the shipped tiny models (MemoryLLM and M+) side by side.
 
 For each held-out person: a fresh memory (``model.new_memory()``), inject the biography, then inject
 distractors one at a time; after n of them (for each n in ``distractor_counts``) ask every attribute
@@ -210,7 +212,9 @@ def main(argv: list[str] | None = None) -> dict:
     from memllm.world import World, WorldConfig
 
     parser = argparse.ArgumentParser(description="Retention curve of memllm checkpoints on a synthetic world.")
-    parser.add_argument("checkpoints", nargs="+", help="checkpoint dirs (named by their config kind)")
+    parser.add_argument("checkpoints", nargs="*", default=["tiny-memoryllm", "tiny-mplus"],
+                        help="checkpoint dirs or shipped names (named by their config kind); default: the "
+                             "shipped tiny MemoryLLM and M+ models")
     parser.add_argument("--n-people", type=int, default=100)
     parser.add_argument("--counts", default=",".join(map(str, DEFAULT_COUNTS)))
     parser.add_argument("--seed", type=int, default=0, help="held-out people and text draws")
