@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
@@ -243,3 +244,17 @@ def test_train_sharded_save_path_rebuilds_the_trained_model(setup):
         assert torch.equal(a, b), name
     with pytest.raises(ValueError, match="missing"):
         model_from_state(setup["ckpt"], {k: v for k, v in state.items() if "bos" not in k})
+
+
+def test_train_every_option_has_help():
+    import argparse
+
+    from memllm.train import add_arguments
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    options = [a for a in parser._actions if a.option_strings and a.dest != "help"]
+    assert len(options) == len(dataclasses.fields(TrainConfig))
+    assert all(a.help for a in options), [a.dest for a in options if not a.help]
+    assert "default -1" in next(a.help for a in options if a.dest == "ltm_rows")
+    assert "cosine decay to 10%" in parser.format_help()

@@ -54,7 +54,7 @@ class Recipe:
     kind: str = "both"  # memoryllm | mplus (from `init`) | both
     init: str = ""  # kind mplus: the trained MemoryLLM tiny model to start from
     seed: int = 0
-    minutes: float = 120.0
+    minutes: float = 80.0  # MemoryLLM wall-clock budget (stages 1-2)
     vocab_size: int = 1024
     tokenizer_docs: int = 10_000
     hidden_size: int = 128

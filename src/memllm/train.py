@@ -91,20 +91,19 @@ class TrainConfig:
     data: list[str]  # .txt / .jsonl files or folders, or `datasets` names
     out: str  # output directory: metrics.jsonl, state/ (resume), model/ (the trained checkpoint)
     steps: int = 1000  # optimizer steps
-    batch_size: int = 4
-    grad_accum: int = 1
-    lr: float = 1e-4
-    weight_decay: float = 0.0
-    warmup_steps: int = 0
-    max_grad_norm: float = 1.0
+    batch_size: int = 4  # rows per process and micro-step
+    grad_accum: int = 1  # micro-steps per optimizer step
+    lr: float = 1e-4  # peak learning rate (AdamW), cosine decay to 10%
+    weight_decay: float = 0.0  # AdamW weight decay
+    warmup_steps: int = 0  # linear warm-up steps
+    max_grad_norm: float = 1.0  # gradient clipping (0: none)
     mixed_precision: str = "no"  # "no", "bf16" or "fp16"
     gradient_checkpointing: bool = False  # recompute each injection / read in the backward pass
-    seed: int = 0
-    # objective shares (normalised)
-    new_knowledge: float = 0.4
-    continuous: float = 0.3
-    forgetting: float = 0.2
-    plain_lm: float = 0.1
+    seed: int = 0  # everything random: objectives, windows, drops, resets
+    new_knowledge: float = 0.4  # share of micro-steps: inject x1, predict x2 (shares are normalised)
+    continuous: float = 0.3  # share: inject x1..x(n-1), predict xn
+    forgetting: float = 0.2  # share: inject x1, distractors, predict x2
+    plain_lm: float = 0.1  # share: plain language modelling read against the memory
     retriever_weight: float = 1.0  # M+ only: weight of the retriever loss next to the LM loss
     ltm_rows: int = -1  # M+ only: long-term vectors kept per row and layer (-1: N; 0: no long-term memory)
     context_len: int = 512  # tokens per context x_i
@@ -117,13 +116,13 @@ class TrainConfig:
     dropout: float | None = None  # override every dropout probability (0: same result on any process count)
     memory_reset_prob: float = 0.01  # chance per micro-step that a row's memory restarts from the initial pool
     split_blank_lines: bool = False  # .txt files: one document per blank-line-separated block
-    max_documents: int | None = None
-    log_every: int = 10
+    max_documents: int | None = None  # read at most this many documents (datasets: the first ones)
+    log_every: int = 10  # steps between metrics lines
     save_every: int = 500  # resumable state every this many steps (and at the end)
     resume: bool = True  # continue from out/state if present
     stop_after: int | None = None  # stop (after saving state) at this step: preemption, tests
     dump_params: bool = False  # write each rank's trained parameters to out/params_rank{r}.safetensors
-    progress: bool = True
+    progress: bool = True  # a progress bar with the losses
 
     def shares(self) -> dict[str, float]:
         shares = {name: getattr(self, name) for name in OBJECTIVES}
@@ -144,27 +143,45 @@ class TrainConfig:
         return cls(**{k: v for k, v in vars(ns).items() if k in names and v is not None})
 
 
+def field_help() -> dict[str, str]:
+    """Each TrainConfig field's trailing comment (the one place its meaning is written), plus its default."""
+    import inspect
+    import re
+
+    out = {}
+    for line in inspect.getsource(TrainConfig).splitlines():
+        m = re.match(r"\s+(\w+): [^#]+#\s*(.+)", line)  # "    name: type = default  # help"
+        if m:
+            out[m.group(1)] = m.group(2)
+    for f in dataclasses.fields(TrainConfig):
+        if f.default is not dataclasses.MISSING and f.default is not None:
+            out[f.name] = f"{out.get(f.name, '')} (default {f.default})".strip()
+    return out
+
+
 def add_arguments(parser: argparse.ArgumentParser, required: bool = True) -> None:
     """One option per TrainConfig field, so the CLI and the config never drift apart."""
+    helps = field_help()
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         default = None if f.default is dataclasses.MISSING else f.default
         required = required and f.default is dataclasses.MISSING
+        kw = {"help": helps.get(f.name, "").replace("%", "%%")}  # argparse formats help with %
         if f.name == "data":
-            parser.add_argument(flag, nargs="+", required=required)
+            parser.add_argument(flag, nargs="+", required=required, **kw)
         elif isinstance(default, bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, **kw)
         elif f.name in ("dropout",):
-            parser.add_argument(flag, type=float, default=None)
+            parser.add_argument(flag, type=float, default=None, **kw)
         elif f.name in ("stop_after", "max_documents"):
-            parser.add_argument(flag, type=int, default=None)
+            parser.add_argument(flag, type=int, default=None, **kw)
         elif f.name == "mixed_precision":
-            parser.add_argument(flag, choices=["no", "bf16", "fp16"], default=None)
+            parser.add_argument(flag, choices=["no", "bf16", "fp16"], default=None, **kw)
         elif f.name == "train":
-            parser.add_argument(flag, choices=["lora", "full"], default=None)
+            parser.add_argument(flag, choices=["lora", "full"], default=None, **kw)
         else:
             parser.add_argument(flag, type=type(default) if default is not None else str, required=required,
-                                default=None)
+                                default=None, **kw)
 
 
 # ---- reading and writing per-row memories --------------------------------------------------------
