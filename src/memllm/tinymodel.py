@@ -1,24 +1,34 @@
-"""Our own tiny memory model, trained from scratch on CPU: the seeded recipe.
+"""Our own tiny memory models, trained from scratch on CPU: the seeded recipe.
 
-    python -m memllm.tinymodel --out DIR --kind memoryllm|mplus --minutes M [--seed S]
+    python -m memllm.tinymodel --out DIR                      # both: DIR/memoryllm, then DIR/mplus
+    python -m memllm.tinymodel --out DIR --kind memoryllm     # stages 1-2 only
+    python -m memllm.tinymodel --out DIR --kind mplus --init MEMORYLLM_DIR   # stage 3 only
 
 Read top to bottom:
 
 1. ``build_tokenizer``: a world tokenizer (every attribute value is one token).
 2. ``build_model``: a tiny Llama memory model (d 128, 4 layers, K 32, N 256: 8 biographies of at
    most 31 tokens fit in short-term memory; M+ adds R = 2 blocks retrieved from long-term memory).
-3. Stage 1 (``lm_step``): plain language modelling on a fixed world of people, documents that hold
-   biographies followed by questions answered in context, until in-context QA is solved (a memory
-   model cannot learn to read answers from memory before it can read them from context).
-4. Stage 2 (``memory_step``): memory training on fresh people every step (never the same person
-   twice, so facts cannot be learned into the weights): inject a biography into a per-row memory,
-   then 0..max_distractors distractor injections, then ask one question and take the loss on the
-   answer token; gradients flow through every injection. Every ``replay_every``-th step is a stage-1
-   step (in-context replay). An EMA of the weights is what is evaluated and saved.
-5. ``checkpoint.save`` of the EMA weights with the tokenizer; ``memllm.evaluate.retention`` measures it.
+3. Stage 1 (``stage1``, ``lm_step``): language modelling on a fixed world of people plus the
+   answer-only loss of in-context QA rows, one biography per question until that is solved, then 1-3
+   (a memory model cannot learn to read answers from memory before it can read them from context).
+4. Stage 2 (``memory_stage``, ``memory_step``): memory training on fresh people every step (never the
+   same person twice, so facts cannot be learned into the weights): inject a biography into a per-row
+   memory, then 0..max_distractors distractor injections (half of them other people's biographies),
+   then ask one question and take the loss on the answer token; gradients flow through every
+   injection. Every ``replay_every``-th step is a stage-1 step (in-context replay). An EMA of the
+   weights is what is evaluated and saved.
+5. Stage 3, M+ (``train_mplus``): the MemoryLLM model plus a retriever (``mplus_from``), trained the
+   same way with 0..mplus_max_distractors distractors, every row reading its long-term memory
+   (``memllm.mplus.RowLTM``, exactly as inference does) and the retriever loss on the biography's
+   long-term vectors.
+6. ``checkpoint.save`` of the EMA weights with the tokenizer and ``recipe.json`` (the recipe, the
+   stage summaries, the evaluation history); ``memllm eval retention`` measures them.
 
 Everything random is derived from ``--seed``: the world, the tokenizer, the data streams, the
-initialisation and the memory drops. (Thread scheduling can still change float rounding.)
+initialisation and the memory drops. The budgets are wall-clock minutes (``--minutes``,
+``--mplus-minutes``), so a faster machine trains more steps; thread scheduling can also change float
+rounding. The shipped weights' step counts are in their ``recipe.json``.
 """
 
 from __future__ import annotations
