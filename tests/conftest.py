@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -106,3 +107,18 @@ def fresh_accelerate_state():
     from accelerate.state import AcceleratorState
 
     AcceleratorState._reset_state(reset_partial_state=True)
+
+
+ALPHABET = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
+
+
+def distinct_documents(n: int, length: int, seed: int, letters: int = 3) -> list[str]:
+    """Documents `s s` where s uses 3 letters of 62: a document's rows and its continuation share
+    tokens that other documents rarely have, so which memory rows are related is learnable."""
+    rng = random.Random(seed)
+    docs = []
+    for _ in range(n):
+        chars = rng.sample(ALPHABET, letters)
+        s = "".join(rng.choice(chars) for _ in range(length))
+        docs.append(s + s)
+    return docs

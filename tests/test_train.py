@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import distinct_documents
 from safetensors.torch import load_file
 
 import memllm
@@ -129,22 +130,25 @@ def test_train_checkpoint_reloads_with_same_logits(setup):
         torch.testing.assert_close(model(ids, m1).logits, again(ids, m2).logits, atol=0, rtol=0)
 
 
-def heldout_contexts(model, n: int = 16) -> torch.Tensor:
-    docs = copy_documents(n, 16, seed=99)  # not in the training documents
-    ids = [model.tokenizer(d, add_special_tokens=False)["input_ids"] for d in docs]
-    return torch.tensor(ids).view(n, 2, 16)  # [D, 2, T]: x1 = s, x2 = s
-
-
-def test_train_lowers_memory_conditioned_loss(setup):
+def test_train_lowers_memory_conditioned_loss(setup, tmp_path):
+    """Training lowers the loss of x2 read from x1's memory on held-out documents, and the gain comes
+    from the memory: x2 is then predicted better from x1's memory than from another document's.
+    Documents use 3 of 62 letters, so x1's memory says which letters x2 uses (measured at these
+    settings: 5.3 -> 4.1 nats, right vs wrong memory 4.06 vs 4.64)."""
+    with open(tmp_path / "docs.jsonl", "w") as f:
+        f.writelines(json.dumps({"text": doc}) + "\n" for doc in distinct_documents(64, 16, seed=1))
     before_model = memllm.load(setup["ckpt"]).eval()
-    contexts = heldout_contexts(before_model)
+    ids = [before_model.tokenizer(d, add_special_tokens=False)["input_ids"] for d in distinct_documents(16, 16, seed=99)]
+    contexts = torch.tensor(ids).view(16, 2, 16)  # [D, 2, T], documents not in training
     before = memory_loss(before_model, contexts)
-    cfg = config(setup, "learn", steps=40, batch_size=4, new_knowledge=1.0, continuous=0.0, forgetting=0.0,
-                 plain_lm=0.0, lr=3e-3, train="full", log_every=10)
+    cfg = config(setup, "learn", steps=300, batch_size=8, new_knowledge=1.0, continuous=0.0, forgetting=0.0,
+                 plain_lm=0.0, lr=2e-3, train="full", log_every=50, data=[str(tmp_path / "docs.jsonl")])
     train(cfg)
     after_model = memllm.load(Path(cfg.out) / "model").eval()
     after = memory_loss(after_model, contexts)
+    wrong = memory_loss(after_model, torch.stack([contexts[:, 0].roll(1, 0), contexts[:, 1]], 1))
     assert after < before - 1.0, (before, after)
+    assert wrong > after + 0.25, (after, wrong)
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import json
-import random
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import distinct_documents
 
 import memllm
 from memllm import checkpoint
@@ -26,21 +26,7 @@ from memllm.train import (
     write_docs,
 )
 
-ALPHABET = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
-
 pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
-
-
-def distinct_documents(n: int, length: int, seed: int, letters: int = 3) -> list[str]:
-    """Documents `s s` where s uses 3 letters of 62: a document's rows and its continuation share
-    tokens that other documents rarely have, so which memory rows are related is learnable."""
-    rng = random.Random(seed)
-    docs = []
-    for _ in range(n):
-        chars = rng.sample(ALPHABET, letters)
-        s = "".join(rng.choice(chars) for _ in range(length))
-        docs.append(s + s)
-    return docs
 
 
 def mplus_model(**kw):
