@@ -213,3 +213,11 @@ def chunks(input_ids: torch.Tensor, chunk_size: int) -> list[torch.Tensor]:
         tail = pieces.pop()
         pieces[-1] = torch.cat([pieces[-1], tail])
     return pieces
+
+
+def dropped_rows(kept: torch.Tensor, N: int) -> torch.Tensor:
+    """The indices [B, L, K] (ascending) of the rows an update with kept [B, L, N-K] drops."""
+    B, L, _ = kept.shape
+    mask = torch.ones(B, L, N, dtype=torch.bool, device=kept.device)
+    mask.scatter_(2, kept, False)
+    return mask.nonzero()[:, 2].view(B, L, -1)

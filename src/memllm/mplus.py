@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Iterator
 
 import torch
 
+from memllm.inject import dropped_rows
 from memllm.ltm import LongTermMemory, LTMConfig, Retrieval, order_by_age
 from memllm.memory import Memory
 
@@ -162,9 +163,7 @@ def drop_to_ltm(
     returns (the grown RowLTM, the STM ages after the write)."""
     B, L, N, d = pools.shape
     K = N - kept.shape[-1]
-    mask = torch.ones(B, L, N, dtype=torch.bool, device=kept.device)
-    mask.scatter_(2, kept, False)
-    gone = mask.nonzero()[:, 2].view(B, L, K)  # [B, L, K] ascending
+    gone = dropped_rows(kept, N)  # [B, L, K] ascending
     rows = pools.detach().gather(2, gone.unsqueeze(-1).expand(-1, -1, -1, d))
     docs = pool_docs.gather(2, gone) if pool_docs is not None else torch.full_like(gone, -1)
     grown = RowLTM(torch.cat([ltm.vectors, rows.to(ltm.vectors.dtype)], dim=2),

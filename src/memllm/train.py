@@ -67,7 +67,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from memllm.data import TokenCorpus, read_documents
-from memllm.inject import delta_memory
+from memllm.inject import delta_memory, dropped_rows
 from memllm.model import MemoryModel
 from memllm.mplus import RowLTM, drop_to_ltm
 from memllm.retriever import (
@@ -218,14 +218,6 @@ def write_docs(pool_docs: torch.Tensor, doc: torch.Tensor, kept: torch.Tensor) -
     B, L, N = pool_docs.shape
     K = N - kept.shape[-1]
     return torch.cat([pool_docs.gather(2, kept), doc.view(B, 1, 1).expand(B, L, K).to(pool_docs)], dim=2)
-
-
-def dropped_rows(kept: torch.Tensor, N: int) -> torch.Tensor:
-    """The indices [B, L, K] (ascending) of the rows an update with kept [B, L, N-K] drops."""
-    B, L, _ = kept.shape
-    mask = torch.ones(B, L, N, dtype=torch.bool, device=kept.device)
-    mask.scatter_(2, kept, False)
-    return mask.nonzero()[:, 2].view(B, L, -1)
 
 
 class MemoryTraining(nn.Module):
