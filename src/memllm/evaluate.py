@@ -33,6 +33,8 @@ import torch
 from rich.console import Console
 from rich.progress import track
 
+from memllm.inject import RandomDrop
+
 DEFAULT_COUNTS = (0, 1, 2, 4, 8, 16, 24)
 
 
@@ -87,6 +89,8 @@ def retention(
     K, N = stm_capacity(model)
     people = world.heldout_people(n_people, seed=seed)
     rng = random.Random(f"retention:{seed}")
+    # which memory vectors each update drops: seeded too, so a rerun gives the same table
+    drop = RandomDrop(per_layer=model.config.drop_memory_per_layer, generator=torch.Generator().manual_seed(seed))
     correct = {n: 0 for n in counts}
     floor_correct = total = 0
     try:
@@ -103,11 +107,11 @@ def retention(
                 floor_correct += sum(first_word(p) == a for p, a in zip(floor_answers, answers))
 
                 memory = model.new_memory()
-                model.inject(memory, world.biography(person, rng))
+                model.inject(memory, world.biography(person, rng), drop=drop)
                 done = 0
                 for n in counts:
                     while done < n:
-                        model.inject(memory, world.distractor(rng))
+                        model.inject(memory, world.distractor(rng), drop=drop)
                         done += 1
                     predicted = _ask(model, memory, prompts, max_new_tokens)
                     correct[n] += sum(first_word(p) == a for p, a in zip(predicted, answers))
