@@ -5,10 +5,13 @@ a synthetic world of invented people: MemoryLLM and M+ (the same model plus a re
 long-term memory). Nothing about the demo's people is in their weights (they are held out from
 training, and their names and facts are invented): every right answer comes from the memory.
 
-The demo writes three biographies into a memory of each model, asks about them (and asks a fresh
-memory, the no-memory floor), saves the MemoryLLM memory and reloads it, then writes three times as
-many distractor texts as the short-term memory holds and asks again: MemoryLLM has dropped most of
-what it read, M+ brings it back from long-term memory.
+The demo gives each of three people their own memory (a memory is an object of its own; one model
+serves many), writes their biography into it, asks about them (and asks a fresh memory, the
+no-memory floor), saves one memory and reloads it, then writes three times as many distractor texts
+as the short-term memory holds into every memory and asks again: MemoryLLM has dropped most of what
+it read, M+ brings it back from long-term memory. (One memory per person because the shipped models
+were trained to answer about the oldest biography in a memory; with several people in one memory
+they mix them up: docs/tinymodel.md.)
 """
 
 from __future__ import annotations
@@ -18,21 +21,24 @@ import tempfile
 import warnings
 from pathlib import Path
 
+import torch
 from rich.console import Console
 from rich.panel import Panel
 from rich.table import Table
 
 import memllm
 from memllm.evaluate import first_word
+from memllm.inject import RandomDrop
 from memllm.world import World, WorldConfig
 
 NAMES = {"memoryllm": "tiny-memoryllm", "mplus": "tiny-mplus"}
 PEOPLE, SEED = 3, 7
 
 
-def _answers(models: dict, memories: dict, prompts: list[str]) -> dict[str, list[str]]:
-    return {k: [first_word(a) for a in models[k].ask(memories[k], prompts, max_new_tokens=3, chat=False)]
-            for k in models}
+def _answers(models: dict, memories: dict, prompts: list[list[str]]) -> dict[str, list[str]]:
+    """Per model, the first answer word of every question; person i's questions ask memories[k][i]."""
+    return {k: [first_word(a) for memory, asked in zip(memories[k], prompts)
+                for a in models[k].ask(memory, asked, max_new_tokens=3, chat=False)] for k in models}
 
 
 def _table(console: Console, title: str, prompts: list[str], truth: list[str], columns: dict[str, list[str]]) -> None:
@@ -66,34 +72,38 @@ def run_demo(console: Console, workdir: Path | None = None) -> dict:
     rng = random.Random(SEED)
     people = world.heldout_people(PEOPLE, seed=SEED)
     bios = [world.biography(p, rng) for p in people]
-    questions = [world.question(p, a, rng) for p in people for a in rng.sample(world.attributes, 2)]
-    prompts, truth = [q for q, _ in questions], [a.strip() for _, a in questions]
+    questions = [[world.question(p, a, rng) for a in rng.sample(world.attributes, 2)] for p in people]
+    asked = [[q for q, _ in person] for person in questions]  # per person
+    prompts, truth = [q for person in asked for q in person], [a.strip() for p in questions for _, a in p]
 
-    memories = {k: m.new_memory() for k, m in models.items()}
-    for bio in bios:
-        console.print(f"inject: [italic]{bio}[/]")
+    memories = {k: [m.new_memory() for _ in people] for k, m in models.items()}  # one memory per person
+    drop = RandomDrop(generator=torch.Generator().manual_seed(SEED))  # seeded: the same demo every run
+    for i, bio in enumerate(bios):
+        console.print(f"inject into memory {i + 1}: [italic]{bio}[/]")
         for k, m in models.items():
-            m.inject(memories[k], bio)
-    floor = _answers({"memoryllm": models["memoryllm"]}, {"memoryllm": models["memoryllm"].new_memory()}, prompts)
-    now = _answers(models, memories, prompts)
+            m.inject(memories[k][i], bio, drop=drop)
+    fresh = {"memoryllm": [models["memoryllm"].new_memory() for _ in people]}
+    floor = _answers({"memoryllm": models["memoryllm"]}, fresh, asked)
+    now = _answers(models, memories, asked)
     _table(console, "after reading the biographies", prompts, truth,
            {"no memory": floor["memoryllm"], "MemoryLLM": now["memoryllm"], "M+": now["mplus"]})
 
-    path = memories["memoryllm"].save(workdir / "people.mem")
+    path = memories["memoryllm"][0].save(workdir / "person1.mem")
     reloaded = models["memoryllm"].load_memory(str(path))
-    again = _answers({"memoryllm": models["memoryllm"]}, {"memoryllm": reloaded}, prompts)["memoryllm"]
-    identical = again == now["memoryllm"]
-    console.print(f"MemoryLLM memory saved to {path.name} ({path.stat().st_size / 1e6:.1f} MB) and reloaded: "
+    again = _answers({"memoryllm": models["memoryllm"]}, {"memoryllm": [reloaded]}, asked[:1])["memoryllm"]
+    identical = again == now["memoryllm"][: len(asked[0])]
+    console.print(f"MemoryLLM memory 1 saved to {path.name} ({path.stat().st_size / 1e6:.1f} MB) and reloaded: "
                   f"answers identical = [bold]{identical}[/]")
 
     n = 3 * N // K
-    console.print(f"inject {n} distractor texts (3x the short-term capacity), e.g. "
+    console.print(f"inject {n} distractor texts into every memory (3x the short-term capacity), e.g. "
                   f"[italic]{world.distractor(random.Random(0))}[/]")
     for _ in range(n):
         text = world.distractor(rng)
         for k, m in models.items():
-            m.inject(memories[k], text)
-    later = _answers(models, memories, prompts)
+            for memory in memories[k]:
+                m.inject(memory, text, drop=drop)
+    later = _answers(models, memories, asked)
     _table(console, f"after {n} distractors", prompts, truth, {"MemoryLLM": later["memoryllm"], "M+": later["mplus"]})
 
     def score(answers: list[str]) -> int:
