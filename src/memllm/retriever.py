@@ -40,7 +40,6 @@ def retriever_loss(
     candidates: torch.Tensor,  # [B, L, C, d] memory rows
     positive: torch.Tensor,  # [B, L, C] bool: related rows
     projector: str = "query_proj",  # or "encoder_query_proj"
-    query_mask: torch.Tensor | None = None,  # [B, T] bool: the query tokens that count (default: all)
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """M+ retriever loss (SPEC §5) and its statistics.
 
@@ -69,15 +68,9 @@ def retriever_loss(
         logits = (q @ k.transpose(1, 2)).clamp(-30, 30)  # [B, T, C]
         # BCE of score = mean_t sigmoid(logit), in log space: log score = logsumexp_t logsigmoid(x) - log T and
         # log(1 - score) = logsumexp_t logsigmoid(-x) - log T (exact; no log(0), no NaN gradients, no denormals)
-        hit, miss = nn.functional.logsigmoid(logits), nn.functional.logsigmoid(-logits)
-        if query_mask is None:
-            log_t = math.log(logits.shape[1])
-        else:
-            qm = query_mask.to(dev).bool().unsqueeze(-1)  # [B, T, 1]
-            hit, miss = hit.masked_fill(~qm, -math.inf), miss.masked_fill(~qm, -math.inf)
-            log_t = qm.sum(1).clamp(min=1).float().log()  # [B, 1]
-        log_score = torch.logsumexp(hit, dim=1) - log_t  # [B, C]
-        log_miss = torch.logsumexp(miss, dim=1) - log_t
+        log_t = math.log(logits.shape[1])
+        log_score = torch.logsumexp(nn.functional.logsigmoid(logits), dim=1) - log_t  # [B, C]
+        log_miss = torch.logsumexp(nn.functional.logsigmoid(-logits), dim=1) - log_t
         scores = log_score.detach()  # ranking
         bce = torch.where(pos, -log_score, -log_miss)
         zero = torch.zeros_like(bce)
