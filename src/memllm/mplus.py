@@ -43,20 +43,14 @@ def move_dropped_to_ltm(model: "MemoryModel", memory: Memory, kept: torch.Tensor
     L, N, _ = memory.pool.shape
     if memory.stm_ages is None:
         memory.stm_ages = torch.zeros(L, N, dtype=torch.long, device=memory.pool.device)
-    new_ages = []
+    gone = dropped_rows(kept.unsqueeze(0), N)[0]  # [L, k]
     with torch.no_grad():  # long-term memory is state, like the pool's old rows
         for l in range(L):
-            dropped_mask = torch.ones(N, dtype=torch.bool, device=kept.device)
-            dropped_mask[kept[l]] = False
-            dropped = dropped_mask.nonzero().squeeze(1)
-            rows = memory.pool[l, dropped].detach()  # [k, d]
+            rows = memory.pool[l, gone[l]].detach()  # [k, d]
             layer = model.layers[l]
             keys = layer.self_attn.key_proj(layer.input_layernorm(rows.to(layer.input_layernorm.weight.device)))
-            memory.ltm.add_dropped(l, rows.cpu(), keys.float().cpu(), memory.stm_ages[l, dropped].cpu())
-            # Published behaviour: STM ages never grow (a kept row keeps its age); new rows get K-1 .. 0.
-            kept_ages = memory.stm_ages[l, kept[l]] + (k if model.config.stm_ages_grow else 0)
-            new_ages.append(torch.cat([kept_ages, torch.arange(k - 1, -1, -1, device=memory.stm_ages.device)]))
-    memory.stm_ages = torch.stack(new_ages)
+            memory.ltm.add_dropped(l, rows.cpu(), keys.float().cpu(), memory.stm_ages[l, gone[l]].cpu())
+    memory.stm_ages = stm_ages_after(memory.stm_ages, kept, model.config.stm_ages_grow)
     return memory.ltm.finish_update(k)
 
 
@@ -171,9 +165,16 @@ def drop_to_ltm(
                    torch.cat([ltm.docs, docs], dim=2))
     if max_rows is not None and grown.size > max_rows:
         grown = RowLTM(grown.vectors[:, :, -max_rows:], grown.ages[:, :, -max_rows:], grown.docs[:, :, -max_rows:])
-    new_ages = torch.arange(K - 1, -1, -1, device=stm_ages.device).expand(B, L, K)
-    survivors = stm_ages.gather(2, kept) + (K if stm_ages_grow else 0)
-    return grown, torch.cat([survivors, new_ages], dim=2)
+    return grown, stm_ages_after(stm_ages, kept, stm_ages_grow)
+
+
+def stm_ages_after(stm_ages: torch.Tensor, kept: torch.Tensor, grow: bool = False) -> torch.Tensor:
+    """Short-term ages after an update: stm_ages [..., N], kept [..., N - K] -> [..., N]. Published
+    behaviour (grow False): a kept row keeps its age; the K new rows get K-1 .. 0."""
+    K = stm_ages.shape[-1] - kept.shape[-1]
+    survivors = stm_ages.gather(-1, kept) + (K if grow else 0)
+    new = torch.arange(K - 1, -1, -1, device=stm_ages.device).expand(*kept.shape[:-1], K)
+    return torch.cat([survivors, new], dim=-1)
 
 
 @contextmanager
