@@ -1,9 +1,10 @@
 """Training text for memory models: documents in, fixed-length token windows out.
 
 Documents come from .txt files (one per file, or several separated by blank lines with
-`split_blank_lines`), .jsonl files (field "text") or a Hugging Face `datasets` source, a hub name or a
-local folder of parquet files (streamed, first `max_documents`). They are tokenised with the model's own tokenizer and laid end to end in one token
-stream, separated by the tokenizer's EOS token, remembering where each document starts.
+`split_blank_lines`), .jsonl files (field "text") or a Hugging Face `datasets` source, a hub name or
+a local folder of parquet files (streamed, first `max_documents`). They are tokenised with the model's
+own tokenizer and laid end to end in one token stream, separated by the tokenizer's EOS token,
+remembering where each document starts.
 
 The training objectives need, per batch row, n consecutive contexts of `length` tokens from one
 document (x1..xn) and sometimes contexts from other documents (distractors). Every window starts inside
