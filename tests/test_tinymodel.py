@@ -1,8 +1,8 @@
-"""The tiny-model recipe: its stages run, its data is a function of the seed, grouping is exact."""
+"""The tiny-model recipe: episodes that force lookup, data a function of the seed, exact reruns."""
 
 from __future__ import annotations
 
-import math
+import json
 import random
 from functools import cache
 
@@ -12,10 +12,11 @@ import torch
 from memllm import tinymodel as tm
 from memllm.inject import delta_memory
 from memllm.train import write
+from memllm.world import ABSTAIN
 
 SMALL = {"hidden_size": 32, "num_layers": 2, "num_heads": 2, "intermediate_size": 64, "num_tokens": 32,
-         "stm_blocks": 3, "ltm_blocks": 1, "stage1_people": 50, "stage1_batch": 4, "batch": 4,
-         "max_distractors": 2, "tokenizer_docs": 300}
+         "stm_blocks": 3, "ltm_blocks": 1, "stage1_people": 50, "stage1_batch": 8, "batch": 4,
+         "max_texts": 4, "mplus_max_texts": 8, "tokenizer_docs": 300, "eval_people": 8, "threads": 1}
 
 
 @cache
@@ -42,26 +43,50 @@ def test_build_model_sizes_and_seed():
     assert mplus.config.num_retrieved == 32 and mplus.config.num_memory_tokens == 96
 
 
+def test_short_names_and_one_token_answers():
+    recipe, world, tok, _ = small_model()
+    person = world.people(1, "train", seed=0)[0]
+    assert 2 <= len(tok(" " + person.name, add_special_tokens=False)["input_ids"]) <= 3
+    assert tm.answer_id(tok, " " + ABSTAIN) != tok.unk_token_id
+
+
+def test_episode_asks_the_biography_at_the_target_or_a_stranger():
+    recipe, world, tok, _ = small_model()
+    rng = random.Random(0)
+    stream = world.people_stream("train", seed=3)
+    seen_stranger = seen_other_bio = False
+    for i in range(200):
+        n = rng.randint(1, 6)
+        ep = tm.episode(world, recipe, rng, stream.__next__, n, rng.randrange(n))
+        assert len(ep.texts) == n
+        names = [t.split(":")[0].split(".")[0] for t in ep.texts]
+        asked = next(name for name in names if name.upper() in ep.prompt.upper()) if ep.target >= 0 else None
+        if ep.target < 0:  # a stranger: nobody in memory has the asked name; the answer is to abstain
+            seen_stranger = True
+            assert ep.answer == " " + ABSTAIN
+            assert not any(f" {name} " in ep.prompt.replace("'", " ").replace("?", " ") for name in names)
+        else:
+            assert asked == names[ep.target]
+            assert ep.answer.strip() in ep.texts[ep.target]
+            seen_other_bio |= n > 1 and any(":" in t or t.count(".") > 3 for j, t in enumerate(ep.texts) if j != ep.target)
+    assert seen_stranger and seen_other_bio
+
+
 def test_data_is_a_function_of_the_seed():
-    _, world, tok, _ = small_model()
-    people = world.people(10, "train", seed=0)
+    recipe, world, tok, _ = small_model()
 
     def draw(seed):
         rng = random.Random(seed)
-        ids, labels = tm.lm_batch(world, tok, people, rng, 3)
-        mb = tm.memory_batch(world, tok, world.people_stream("train", seed), rng, 3, 2, 2, 96, 32)
-        return ids, labels, mb
+        stream = world.people_stream("train", seed)
+        return tm.memory_batch(world, recipe, tok, stream.__next__, rng, 3, 4, 2, 2, 96, 32)
 
     a, b, c = draw(1), draw(1), draw(2)
-    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
-    assert a[2].bios == b[2].bios and a[2].distractors == b[2].distractors
-    assert torch.equal(a[2].questions, b[2].questions) and all(torch.equal(x, y) for x, y in zip(a[2].kept, b[2].kept))
-    assert a[2].bios != c[2].bios
-    mb = a[2]
-    assert all(len(bio) <= 32 for bio in mb.bios)
-    assert len(mb.kept) == 3 and mb.kept[0].shape == (3, 2, 64)
-    # exactly one labelled token per row: the answer, right after the prompt
-    assert ((mb.labels != -100).sum(1) == 1).all()
+    assert a.texts == b.texts and torch.equal(a.questions, b.questions)
+    assert all(torch.equal(x, y) for x, y in zip(a.kept, b.kept))
+    assert a.texts != c.texts
+    assert all(len(row) <= 32 for rows in a.texts for row in rows)
+    assert len(a.kept) == 4 and a.kept[0].shape == (3, 2, 64)
+    assert ((a.labels != -100).sum(1) == 1).all()  # one labelled token per row: the answer
 
 
 def test_inject_rows_matches_row_by_row():
@@ -79,59 +104,36 @@ def test_inject_rows_matches_row_by_row():
             torch.testing.assert_close(got[b : b + 1], want, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("kind", ["memoryllm", "mplus"])
-def test_stage_steps_run_and_learn(kind):
-    recipe, world, tok, model = small_model(kind)
-    model.train()
-    rng = random.Random(0)
-    people = world.people(20, "train", seed=0)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    loss = tm.lm_step(model, opt, world, tok, people, rng, 4)
-    assert math.isfinite(loss) and loss > 0
-    stream = world.people_stream("train", 1)
-    loss, acc, stats = tm.memory_step(model, opt, world, tok, stream, rng, recipe)
-    assert math.isfinite(loss) and 0 <= acc <= 1
-    changed = [n for n, p in model.named_parameters() if not torch.equal(p, before[n])]
-    assert "bos_embedding" in changed and "new_memory_positional_emb" in changed
-    assert any("layers.0.self_attn.q_proj" in n for n in changed)
-    if kind == "mplus":  # the retriever learns (when the step had a related vector in long-term memory)
-        assert stats is None or any("query_proj" in n for n in changed)
-    heldout = world.heldout_people(4, seed=0)
-    assert 0 <= tm.in_context_accuracy(model, world, tok, heldout, seed=0) <= 1
-    assert 0 <= tm.recall_accuracy(model, world, tok, heldout, 1, seed=0) <= 1
-
-
-def test_memory_gradient_reaches_the_injection():
-    _, world, tok, model = small_model()
+def test_memory_gradient_reaches_the_target_injection_only():
+    recipe, world, tok, model = small_model()
     rng = random.Random(3)
-    mb = tm.memory_batch(world, tok, world.people_stream("train", 3), rng, 2, 1, 2, 96, 32)
-    loss, _, _ = tm.memory_loss(model, mb)
+    mb = tm.memory_batch(world, recipe, tok, world.people_stream("train", 3).__next__, rng, 2, 3, 1, 2, 96, 32)
+    loss, correct, _ = tm.memory_loss(model, mb)
+    assert correct.shape == (2,)
     loss.backward()
     assert model.new_memory_positional_emb.grad is not None  # only used by injections
     assert model.new_memory_positional_emb.grad.abs().sum() > 0
 
 
-def test_run_end_to_end_saves_a_loadable_checkpoint(tmp_path):
-    from memllm.checkpoint import load
-
-    recipe = tm.Recipe(minutes=0.02, mplus_minutes=0.02, eval_every=1, eval_people=2, **SMALL)
-    summary = tm.run(recipe, tmp_path / "ckpt")  # kind "both": MemoryLLM, then M+ from it
-    for kind in ("memoryllm", "mplus"):
-        assert (tmp_path / "ckpt" / kind / "recipe.json").exists()
-        model = load(tmp_path / "ckpt" / kind)
-        assert model.tokenizer is not None and model.config.num_memory_tokens == 96
-        assert model.config.kind == kind and summary[kind]["params"] > 0
+def test_context_loss_labels_the_answer_which_is_in_context():
+    recipe, world, tok, model = small_model()
+    people = world.people(20, "train", seed=0)
+    cb = tm.context_batch(world, recipe, tok, people, random.Random(0), 16, 4, stranger=False)
+    for row, pos, answer, n in zip(cb.ids, cb.answer_pos, cb.answers, cb.context_len):
+        assert row[pos + 1] == answer and int(answer) in row[:n].tolist()  # copied from a biography
+    loss, correct = tm.context_loss(model, cb, recipe.context_lm_weight)
+    assert loss.item() > 0 and correct.shape == (16,)
 
 
-def test_mplus_starts_from_memoryllm_and_its_retriever_learns_from_long_term_memory():
+def test_mplus_starts_from_memoryllm_and_its_retriever_learns_the_asked_person():
     recipe, world, tok, base = small_model()
     model = tm.mplus_from(base, recipe)
     for name, p in base.state_dict().items():
         assert torch.equal(model.state_dict()[name], p)
-    # 6 distractors: the biography's vectors are in long-term memory (N = 3 blocks), with others
-    mb = tm.memory_batch(world, tok, world.people_stream("train", 5), random.Random(5), 3, 6, 2, 96, 32, 0.5)
-    loss, _, stats = tm.memory_loss(model, mb, grad_distractors=False, retriever_weight=1.0)
+    # the asked biography first, then 6 more texts: its vectors are in long-term memory (N = 3 blocks)
+    mb = tm.memory_batch(world, recipe, tok, world.people_stream("train", 5).__next__, random.Random(5), 3, 7, 0,
+                         2, 96, 32, stranger=False)
+    loss, _, stats = tm.memory_loss(model, mb, retriever_weight=1.0)
     assert stats is not None and stats[1] > 0  # (row, layer) pairs scored
     loss.backward()
     for layer in model.layers:
@@ -139,11 +141,40 @@ def test_mplus_starts_from_memoryllm_and_its_retriever_learns_from_long_term_mem
         assert layer.self_attn.key_proj[0].weight.grad.abs().sum() > 0
 
 
-def test_qa_batch_labels_only_the_answer_which_is_in_context():
-    _, world, tok, _ = small_model()
-    people = world.people(5, "train", seed=0)
-    ids, labels = tm.qa_batch(world, tok, people, random.Random(0), 6)
-    assert ids.shape == labels.shape and ((labels != -100).sum(1) == 1).all()
-    for row, lab in zip(ids, labels):
-        pos = int((lab != -100).nonzero()[0, 0])
-        assert row[pos] == lab[pos] and int(lab[pos]) in row[:pos].tolist()  # copied from a biography
+def _weights(path):
+    from safetensors.torch import load_file
+
+    return load_file(str(path / "model.safetensors"))
+
+
+def test_rerun_with_the_same_seed_and_steps_is_bit_identical(tmp_path):
+    from memllm.checkpoint import load
+
+    recipe = tm.Recipe(stage1_steps=12, stage2_steps=4, stage3_steps=2, eval_every=100, **SMALL)
+    first = tm.run(recipe, tmp_path / "a")
+    second = tm.run(recipe, tmp_path / "b")
+    for kind, stage in (("memoryllm", "stage2"), ("mplus", "stage3")):
+        a, b = _weights(tmp_path / "a" / kind), _weights(tmp_path / "b" / kind)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+        record = json.loads((tmp_path / "a" / kind / "recipe.json").read_text())
+        assert record["world"]["first_name_syllables"] == [1, 1]
+        assert record[stage]["steps"] == getattr(recipe, f"{stage}_steps") and not record[stage]["capped_by_minutes"]
+        model = load(tmp_path / "a" / kind)
+        assert model.tokenizer is not None and model.config.kind == kind
+    assert first["memoryllm"]["stage1"]["steps"] == 12 and first["memoryllm"]["stage2"]["steps"] == 4
+    assert first["mplus"]["stage3"]["steps"] == 2
+    assert first["memoryllm"]["stage1"]["data_sha256"] == second["memoryllm"]["stage1"]["data_sha256"]
+    # another seed sees other data
+    other = tm.run(tm.Recipe(stage1_steps=12, stage2_steps=1, stage3_steps=1, eval_every=100, seed=1, kind="memoryllm",
+                             **SMALL), tmp_path / "c")
+    assert other["stage1"]["data_sha256"] != first["memoryllm"]["stage1"]["data_sha256"]
+
+
+def test_stage1_loss_decreases():
+    recipe, world, tok, model = small_model()
+    rng = random.Random(0)
+    people = world.people(50, "train", seed=0)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    data = tm.DataHash()
+    losses = [tm.context_step(model, opt, world, recipe, tok, people, rng, 2, data) for _ in range(40)]
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.5

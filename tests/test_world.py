@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import random
+import re
 
 import pytest
 from transformers import AutoTokenizer
@@ -160,3 +161,29 @@ def test_tokenizer_roundtrip_through_autotokenizer(world: World, tok, tmp_path) 
         assert loaded.decode(ids, skip_special_tokens=True) == text
     batch = loaded(texts[:4], padding=True, return_tensors="pt")
     assert batch["input_ids"].shape[0] == 4
+
+
+def test_question_sets_casings_and_strangers():
+    from memllm.world import _CLAUSES, _HELDOUT_QUESTIONS, _QUESTIONS, ABSTAIN
+
+    world = World(WorldConfig(seed=0))
+    person = world.people(1, "train", seed=0)[0]
+    rng = random.Random(0)
+    for attribute in world.attributes:  # held-out phrasings are never training phrasings
+        assert not set(_HELDOUT_QUESTIONS[attribute]) & set(_QUESTIONS[attribute])
+        trained = {world.question(person, attribute, rng)[0] for _ in range(50)}
+        heldout = {world.question(person, attribute, rng, phrasings="heldout")[0] for _ in range(50)}
+        assert not trained & heldout
+    prompt, answer = world.question(person, "pet", rng, casing="upper")
+    assert person.name.upper() in prompt and answer == " " + person.attrs["pet"]
+    prompt, _ = world.question(person, "pet", rng, casing="lower")
+    assert person.name.lower() in prompt
+    assert world.question(person, "pet", rng, stranger=True)[1] == " " + ABSTAIN
+    with pytest.raises(ValueError, match="phrasings"):
+        world.question(person, "pet", rng, phrasings="other")
+    # every held-out question word occurs in training text (no untrained embedding); only phrasings are new
+    trained_words = {w.lower() for ts in [*_CLAUSES.values(), *_QUESTIONS.values()] for t in ts
+                     for w in re.findall(r"[A-Za-z]+", t)}
+    for templates in _HELDOUT_QUESTIONS.values():
+        for t in templates:
+            assert {w.lower() for w in re.findall(r"[A-Za-z]+", t)} <= trained_words, t

@@ -23,9 +23,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 __all__ = [
+    "ABSTAIN",
     "ATTRIBUTES",
     "BIO_STYLES",
+    "NAME_CASINGS",
     "Person",
+    "QUESTION_SETS",
     "TextSnippets",
     "World",
     "WorldConfig",
@@ -101,21 +104,50 @@ _CLAUSES: dict[str, tuple[str, ...]] = {
 _QUESTIONS: dict[str, tuple[str, ...]] = {
     "birth_city": (
         "Where was {n} born?", "In which city was {n} born?", "What is the birth city of {n}?",
+        "Which city is {n} from?", "Where is {n} from?", "What city was {n} born in?",
     ),
     "birth_year": (
         "When was {n} born?", "In what year was {n} born?", "What is the birth year of {n}?",
+        "Which year was {n} born in?", "What year was {n} born?",
     ),
-    "job": ("What is {n}'s job?", "What does {n} do for a living?", "What job does {n} have?"),
+    "job": (
+        "What is {n}'s job?", "What does {n} do for a living?", "What job does {n} have?",
+        "What is the job of {n}?", "What does {n} work as?",
+    ),
     "employer": (
         "Where does {n} work?", "Which company employs {n}?", "Who is the employer of {n}?",
+        "What company does {n} work at?", "Who employs {n}?",
     ),
-    "pet": ("What pet does {n} have?", "Which animal does {n} own?", "What is {n}'s pet?"),
+    "pet": (
+        "What pet does {n} have?", "Which animal does {n} own?", "What is {n}'s pet?",
+        "What animal does {n} keep?", "Which pet does {n} own?",
+    ),
     "colour": (
         "What is {n}'s favourite colour?", "Which colour does {n} like best?",
-        "What colour does {n} love?",
+        "What colour does {n} love?", "What colour does {n} like?", "What is the favourite colour of {n}?",
     ),
-    "hobby": ("What is {n}'s hobby?", "What does {n} enjoy?", "Which hobby does {n} have?"),
+    "hobby": (
+        "What is {n}'s hobby?", "What does {n} enjoy?", "Which hobby does {n} have?",
+        "What hobby does {n} enjoy?", "What is the hobby of {n}?",
+    ),
 }
+# Question phrasings never used in training: they measure whether a model understands a question or
+# matches a template. Every word in them also occurs in training text (biography clauses, trained
+# questions), so no embedding is left untrained; only the phrasing is new.
+_HELDOUT_QUESTIONS: dict[str, tuple[str, ...]] = {
+    "birth_city": ("{n} is a native of which city?", "Which city was {n} born in?"),
+    "birth_year": ("{n} was born in which year?", "What year is the birth year of {n}?"),
+    "job": ("{n} works as what?", "Which job is the job of {n}?"),
+    "employer": ("{n} is employed by which company?", "Which company does {n} work at?"),
+    "pet": ("{n} keeps which animal?", "Which animal is the pet of {n}?"),
+    "colour": ("{n} loves which colour?", "Which colour is the favourite colour of {n}?"),
+    "hobby": ("{n} enjoys which hobby?", "Which hobby is the hobby of {n}?"),
+}
+QUESTION_SETS: tuple[str, ...] = ("train", "heldout")
+"""``train``: the phrasings models are trained on; ``heldout``: phrasings kept for evaluation."""
+NAME_CASINGS: tuple[str, ...] = ("as_is", "upper", "lower")
+ABSTAIN = "unknown"
+"""The answer to a question about a person the model was never told about."""
 
 # Distractor material; none of these words is an attribute value (checked by World.__init__).
 _PLACE_KINDS = ("village", "town", "valley", "harbour", "island", "forest", "market", "castle")
@@ -456,8 +488,8 @@ class World:
     @staticmethod
     def template_words() -> list[str]:
         """Every word of the biography and question templates, as spelled in generated text."""
-        words: set[str] = {"a", "an", "Q", "A", "An"}
-        for templates in list(_CLAUSES.values()) + list(_QUESTIONS.values()):
+        words: set[str] = {"a", "an", "Q", "A", "An", ABSTAIN}
+        for templates in list(_CLAUSES.values()) + list(_QUESTIONS.values()) + list(_HELDOUT_QUESTIONS.values()):
             for template in templates:
                 plain = re.sub(r"\{[a-z]\}", " ", template)
                 for word in re.findall(r"[A-Za-z]+", plain):
@@ -465,14 +497,23 @@ class World:
         words.discard("s")  # the possessive "'s" is split into "'" and "s"
         return sorted(words)
 
-    def question(self, person: Person, attribute: str, rng: random.Random) -> tuple[str, str]:
+    def question(self, person: Person, attribute: str, rng: random.Random, phrasings: str = "train",
+                 casing: str = "as_is", stranger: bool = False) -> tuple[str, str]:
         """``(prompt, answer)``: prompt ends with ``"A:"``, answer is ``" " + value``.
 
         The answer's leading space makes ``prompt + answer`` tokenize as prompt tokens followed
-        by the single value token.
+        by the single value token. ``phrasings`` is one of QUESTION_SETS, ``casing`` one of
+        NAME_CASINGS (how the name is written); a ``stranger`` (someone the model was not told
+        about) is answered with ABSTAIN.
         """
-        text = rng.choice(_QUESTIONS[attribute]).format(n=person.name)
-        return f"Q: {text} A:", " " + person.attrs[attribute]
+        templates = {"train": _QUESTIONS, "heldout": _HELDOUT_QUESTIONS}.get(phrasings)
+        if templates is None:
+            raise ValueError(f"phrasings must be one of {QUESTION_SETS}, got {phrasings!r}")
+        name = {"as_is": person.name, "upper": person.name.upper(), "lower": person.name.lower()}.get(casing)
+        if name is None:
+            raise ValueError(f"casing must be one of {NAME_CASINGS}, got {casing!r}")
+        text = rng.choice(templates[attribute]).format(n=name)
+        return f"Q: {text} A:", " " + (ABSTAIN if stranger else person.attrs[attribute])
 
     def distractor(self, rng: random.Random) -> str:
         """A short text about no person: an invented place, an object, or English text if given."""
