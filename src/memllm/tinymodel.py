@@ -449,7 +449,11 @@ def optimizer_step(model: MemoryModel, opt, loss: torch.Tensor) -> None:
 
 def context_step(model: MemoryModel, opt, world, recipe: Recipe, tokenizer, people, rng, max_texts: int,
                  data: DataHash) -> float:
-    cb = context_batch(world, recipe, tokenizer, people, rng, recipe.stage1_batch, max_texts)
+    """One in-context step. With one text per question there are no strangers and no name casings yet:
+    a stranger who shares a name word with the one person in context already needs lookup by name,
+    and with it from the start single-biography QA did not take off in 1,100 steps (docs/tinymodel.md)."""
+    easy = {"stranger": False, "casing": "as_is"} if max_texts == 1 else {}
+    cb = context_batch(world, recipe, tokenizer, people, rng, recipe.stage1_batch, max_texts, **easy)
     data.add(cb.ids)
     loss, _ = context_loss(model, cb, recipe.context_lm_weight)
     optimizer_step(model, opt, loss)
