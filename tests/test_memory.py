@@ -104,8 +104,8 @@ def test_failed_write_leaves_previous_version_intact(model, tmp_path: Path, monk
         raise OSError("disk full")
 
     monkeypatch.setattr("memllm.memory.save_file", crash)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(MemoryFileError, match="disk full"):
         changed.save(path)
     assert path.read_bytes() == before
-    assert [p.name for p in tmp_path.iterdir()] == ["a.mem"]  # no temporary file left behind
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.mem", "a.mem.lock"]  # no temporary file left behind
     assert torch.equal(Memory.load(path).pool, memory.pool)
