@@ -3,6 +3,7 @@
     python -m memllm.tinymodel --out DIR                      # both: DIR/memoryllm, then DIR/mplus
     python -m memllm.tinymodel --out DIR --kind memoryllm     # stages 1-2 only
     python -m memllm.tinymodel --out DIR --kind mplus --init MEMORYLLM_DIR   # stage 3 only
+    python -m memllm.tinymodel --out DIR --kind memoryllm --init MEMORYLLM_DIR --stage2-steps S  # more stage 2
 
 The models must look things up: a memory holds several people (and other text) in any order, the
 question is about any of them, or about someone never written (answer: ``unknown``), in any of many
@@ -579,25 +580,36 @@ def save_tiny(ema: MemoryModel, tokenizer, out: str | Path, record: dict) -> Pat
 
 
 def train_memoryllm(recipe: Recipe, out: str | Path) -> dict:
-    """Stages 1 and 2 from scratch; the EMA weights saved to `out`."""
+    """Stages 1 and 2 from scratch, or (with `recipe.init`) stage 2 continued from a trained tiny
+    MemoryLLM model for stage2_steps more steps; the EMA weights saved to `out`."""
     torch.set_num_threads(recipe.threads)
     t0 = time.time()
     recipe = dataclasses.replace(recipe, kind="memoryllm")
     world = build_world(recipe)
-    tokenizer = build_tokenizer(world, recipe)
-    model = build_model(recipe, tokenizer).train()
+    if recipe.init:
+        model = load(recipe.init).train()
+        tokenizer = model.tokenizer
+    else:
+        tokenizer = build_tokenizer(world, recipe)
+        model = build_model(recipe, tokenizer).train()
     n_params = sum(p.numel() for p in model.parameters())
     log({"event": "built", "params": n_params, "tokenizer_s": round(time.time() - t0, 1), **asdict(recipe)})
 
-    rng = random.Random(f"tinymodel:{recipe.seed}")
+    rng = random.Random(f"tinymodel:{recipe.seed}:{'continued' if recipe.init else 'scratch'}")
     fixed_people = world.people(recipe.stage1_people, "train", seed=recipe.seed)
     eval_people = world.heldout_people(recipe.eval_people, seed=recipe.seed + 1)
-    s1 = stage1(model, recipe, world, tokenizer, fixed_people, eval_people, rng)
-    draw = world.people_stream("train", seed=recipe.seed + 1000).__next__
+    s1 = {"from": recipe.init} if recipe.init else stage1(model, recipe, world, tokenizer, fixed_people,
+                                                          eval_people, rng)
+    draw = world.people_stream("train", seed=recipe.seed + (3000 if recipe.init else 1000)).__next__
     ema, s2, history = memory_stage(model, recipe, world, tokenizer, fixed_people, eval_people, rng, draw,
                                     recipe.lr, recipe.stage2_steps)
+    command = f"python -m memllm.tinymodel --kind memoryllm --seed {recipe.seed}"
+    if recipe.init:
+        command += f" --init {recipe.init} --stage2-steps {recipe.stage2_steps}"
+        earlier = json.loads((Path(recipe.init) / "recipe.json").read_text())
+        s1 = {"earlier_run": {k: earlier.get(k) for k in ("stage1", "stage2", "command")}}
     record = {"recipe": asdict(recipe), "world": asdict(world.config), "stage1": s1, "stage2": s2,
-              "history": history, "command": f"python -m memllm.tinymodel --kind memoryllm --seed {recipe.seed}"}
+              "history": history, "command": command}
     path = save_tiny(ema, tokenizer, out, record)
     summary = {"event": "saved", "out": str(path), "params": n_params, "stage1": s1, "stage2": s2,
                "total_s": round(time.time() - t0)}
@@ -636,7 +648,7 @@ def train_mplus(recipe: Recipe, memoryllm_dir: str | Path, out: str | Path) -> d
 def run(recipe: Recipe, out: str | Path) -> dict:
     """kind memoryllm: stages 1-2 into `out`; mplus: stage 3 from `recipe.init` into `out`; both:
     `out/memoryllm` then `out/mplus` (the shipped pair)."""
-    if recipe.kind == "memoryllm":
+    if recipe.kind == "memoryllm":  # with --init: stage 2 continued from that model
         return train_memoryllm(recipe, out)
     if recipe.kind == "mplus":
         if not recipe.init:
