@@ -7,13 +7,34 @@
     model.ask(memory, "Where was Zorvan Kettle born?")
 """
 
-from memllm.checkpoint import CheckpointError, init_from_base, load, save
-from memllm.config import MemoryConfig
-from memllm.memory import Memory, MemoryFileError, MemoryMismatchError
-from memllm.model import MemoryModel
+from __future__ import annotations
 
-__all__ = [
-    "CheckpointError", "Memory", "MemoryConfig", "MemoryFileError", "MemoryMismatchError", "MemoryModel",
-    "init_from_base", "load", "save",
-]
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from memllm.checkpoint import CheckpointError, init_from_base, load, save
+    from memllm.config import MemoryConfig
+    from memllm.memory import Memory, MemoryFileError, MemoryMismatchError
+    from memllm.model import MemoryModel
+
+# Imported on first use (module __getattr__, PEP 562): torch and transformers take seconds to import,
+# and the command line's --help or a memory file's info need neither.
+_EXPORTS = {
+    "CheckpointError": "memllm.checkpoint", "init_from_base": "memllm.checkpoint", "load": "memllm.checkpoint",
+    "save": "memllm.checkpoint", "MemoryConfig": "memllm.config", "Memory": "memllm.memory",
+    "MemoryFileError": "memllm.memory", "MemoryMismatchError": "memllm.memory", "MemoryModel": "memllm.model",
+}
+
+__all__ = sorted(_EXPORTS)
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'memllm' has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name]), name)
+
+
+def __dir__() -> list[str]:
+    return sorted(list(globals()) + __all__)

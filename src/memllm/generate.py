@@ -5,10 +5,14 @@ The memory prefix enters as a prefilled key/value cache (computed once per memor
 position ids that start every row's first real token at P. Greedy, sampling, stop tokens, logits
 processors and streamers all work as they do for any transformers model. Left-padded batches are
 correct (the authors' code crashes on padding).
+
+Inference only: no autograd graph (no_grad), and prompts plus `max_new_tokens` must fit the model's
+positions after the memory prefix (ValueError naming the limit otherwise).
 """
 
 from __future__ import annotations
 
+import contextvars
 import threading
 from typing import TYPE_CHECKING, Iterator
 
@@ -33,8 +37,9 @@ def generate(
     Returns what `generate` returns: sequences [B, T + new] (prompt included), or a
     GenerateOutput when `return_dict_in_generate=True`.
     """
-    with model.adapter("decoder"):
-        inputs = model.prepare(memory, input_ids, attention_mask)
+    with torch.no_grad(), model.adapter("decoder"):
+        inputs = model.prepare(memory, input_ids, attention_mask)  # checks the ids and the prompt's length
+        model.check_room(memory, input_ids.shape[-1], generate_kwargs.get("max_new_tokens"))
         inputs.pop("position_ids")  # generate derives the same ones from the [prefix ; prompt] mask
         generate_kwargs.setdefault("pad_token_id", _pad_id(model))
         with model.reading(memory, inputs):
@@ -52,21 +57,16 @@ def _pad_id(model: "MemoryModel") -> int | None:
 def encode_prompt(model: "MemoryModel", prompts: str | list[str], chat: bool | None = None) -> dict:
     """Tokenize questions (left-padded as a batch). Chat models get their chat template
     (`chat=None`: whenever the tokenizer has one)."""
-    tok = _require_tokenizer(model)
     batch = [prompts] if isinstance(prompts, str) else list(prompts)
     if not batch or any(not p.strip() for p in batch):
         raise ValueError("the question is empty")
-    use_chat = chat if chat is not None else bool(getattr(tok, "chat_template", None))
-    if use_chat:
-        batch = [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
-                 for p in batch]
-    previous = tok.padding_side
-    tok.padding_side = "left"
-    try:
+    with model.using_tokenizer() as tok:
+        use_chat = chat if chat is not None else bool(getattr(tok, "chat_template", None))
+        if use_chat:
+            batch = [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+                                             add_generation_prompt=True) for p in batch]
         # The published models read questions without a BOS token (the authors' examples).
-        enc = tok(batch, return_tensors="pt", padding=True, add_special_tokens=False)
-    finally:
-        tok.padding_side = previous
+        enc = tok(batch, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
     return {"input_ids": enc["input_ids"].to(model.device), "attention_mask": enc["attention_mask"].to(model.device)}
 
 
@@ -80,11 +80,12 @@ def ask(
 ) -> str | list[str]:
     """Answer a question (or a batch) from memory; returns only the new text."""
     enc = encode_prompt(model, question, chat)
+    model.check_room(memory, enc["input_ids"].shape[1], max_new_tokens, "question")
     generate_kwargs.setdefault("do_sample", False)
-    with torch.no_grad():
-        out = generate(model, memory, max_new_tokens=max_new_tokens, **enc, **generate_kwargs)
+    out = generate(model, memory, max_new_tokens=max_new_tokens, **enc, **generate_kwargs)
     new = out[:, enc["input_ids"].shape[1]:]
-    answers = model.tokenizer.batch_decode(new, skip_special_tokens=True)
+    with model.using_tokenizer() as tok:
+        answers = tok.batch_decode(new, skip_special_tokens=True)
     return answers[0] if isinstance(question, str) else answers
 
 
@@ -96,29 +97,30 @@ def stream(
     chat: bool | None = None,
     **generate_kwargs,
 ) -> Iterator[str]:
-    """Yield the answer's text as it is generated (generation runs in a background thread)."""
+    """The answer's text, yielded as it is generated. Generation runs in a background thread, in a
+    copy of the caller's context (so hooks the caller installed follow it); bad input is refused
+    here, before the first piece is asked for."""
+    model.check_memory(memory)
     enc = encode_prompt(model, question, chat)
+    model.check_room(memory, enc["input_ids"].shape[1], max_new_tokens, "question")
     streamer = TextIteratorStreamer(model.tokenizer, skip_prompt=True, skip_special_tokens=True)
     generate_kwargs.setdefault("do_sample", False)
     errors: list[BaseException] = []
 
     def run() -> None:
         try:
-            with torch.no_grad():
-                generate(model, memory, max_new_tokens=max_new_tokens, streamer=streamer, **enc, **generate_kwargs)
+            generate(model, memory, max_new_tokens=max_new_tokens, streamer=streamer, **enc, **generate_kwargs)
         except BaseException as e:  # surfaced in the caller's thread below
             errors.append(e)
             streamer.end()
 
-    thread = threading.Thread(target=run, daemon=True)
+    thread = threading.Thread(target=contextvars.copy_context().run, args=(run,), daemon=True)
     thread.start()
+    return _pieces(streamer, thread, errors)
+
+
+def _pieces(streamer: TextIteratorStreamer, thread: threading.Thread, errors: list[BaseException]) -> Iterator[str]:
     yield from streamer
     thread.join()
     if errors:
         raise errors[0]
-
-
-def _require_tokenizer(model: "MemoryModel"):
-    if model.tokenizer is None:
-        raise ValueError("this model has no tokenizer: pass token ids, or load a checkpoint that ships one")
-    return model.tokenizer

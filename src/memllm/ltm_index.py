@@ -11,7 +11,6 @@ import contextlib
 import math
 from collections.abc import Iterator
 
-import faiss
 import numpy as np
 import torch
 from torch import Tensor
@@ -192,6 +191,8 @@ class LTMIndex:
             return x.mean(axis=0, keepdims=True).astype(np.float32)
         if n_train <= k:
             return np.ascontiguousarray(x[:k])
+        import faiss  # imported when first used: it takes seconds to load
+
         km = faiss.Kmeans(
             s,
             k,
@@ -274,6 +275,8 @@ def _single_thread() -> Iterator[None]:
     For many small k-means problems (a few thousand points each) thread start-up and
     barriers dominate: measured 142 ms vs 8 ms per k-means++ seeding on 2 busy cores.
     """
+    import faiss
+
     torch_threads, faiss_threads = torch.get_num_threads(), faiss.omp_get_max_threads()
     torch.set_num_threads(1)
     faiss.omp_set_num_threads(1)

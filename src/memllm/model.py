@@ -12,15 +12,24 @@ Memory enters layer l as a key/value prefix (SPEC §2): the prefix rows go throu
 input_layernorm, k_proj and v_proj and are rotated at positions 0..P-1; text tokens follow at P, P+1...
 For a memory that does not change, that prefix is a ready key/value cache: `memory_cache` computes it
 once per memory state and every question reuses it.
+
+One model may serve many threads. Per-call work inside transformers' forward (injection, M+ retrieval)
+is a plan the calling thread installs (`layer_hooks`), run by hooks registered once on every layer;
+the active LoRA adapter is switched only while no call uses the other one (`AdapterGate`); the
+tokenizer and the prefix cache are used under locks. The inference calls (`inject`, `generate`, `ask`,
+`stream`) build no autograd graph; `forward`, `forward_pools` and `memllm.inject.delta_memory` keep
+gradients for training.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import threading
 import warnings
 from collections import OrderedDict
 from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Callable, Iterator
 
 import torch
@@ -37,6 +46,100 @@ from memllm.mplus import RowLTM, ltm_is_empty, retrieving, retrieving_rows
 
 ENCODER_ADAPTER = "default"
 DECODER_ADAPTER = "decoder_adapter"
+
+# The per-layer hooks this thread's calls have installed with `MemoryModel.layer_hooks`, innermost
+# last: each plan maps a decoder layer to its (pre-hook, hook). A context variable, so a call's plan
+# is seen by its own thread only (and by a thread started in a copy of its context).
+_LAYER_PLANS: ContextVar[tuple[dict, ...]] = ContextVar("memllm_layer_plans", default=())
+
+
+def _run_pre_hooks(module: nn.Module, args: tuple, kwargs: dict):
+    """Registered once on every decoder layer: runs the pre-hooks the calling thread planned for it."""
+    changed = False
+    for plan in _LAYER_PLANS.get():
+        hook = plan.get(module, (None, None))[0]
+        result = hook(module, args, kwargs) if hook is not None else None
+        if result is not None:
+            args, kwargs = result
+            changed = True
+    return (args, kwargs) if changed else None
+
+
+def _run_post_hooks(module: nn.Module, args: tuple, kwargs: dict, output):
+    """Registered once on every decoder layer: runs the hooks the calling thread planned for it."""
+    changed = False
+    for plan in _LAYER_PLANS.get():
+        hook = plan.get(module, (None, None))[1]
+        result = hook(module, args, kwargs, output) if hook is not None else None
+        if result is not None:
+            output, changed = result, True
+    return output if changed else None
+
+
+class AdapterGate:
+    """Which LoRA adapter the shared layers run with when threads share a model.
+
+    Calls needing the active adapter run together; a call needing the other one waits until none is
+    running, then switches. Arrivals queue behind a waiting switch, so a stream of reads cannot starve
+    an injection (and the reverse): they take turns, one chunk of injection at a time. Reentrant per
+    thread; a nested block for the other adapter lets go of the outer one meanwhile (the outer block
+    is not running). When the last call leaves, the default adapter is active again, as before.
+    """
+
+    def __init__(self, switch: Callable[[str], None], default: str, active: str) -> None:
+        self._switch, self._default, self._active = switch, default, active
+        self._running = 0
+        self._waiting: dict[str, int] = {}
+        self._cond = threading.Condition()
+        self._held = threading.local()  # this thread's stack of adapters in use
+
+    @contextmanager
+    def use(self, name: str) -> Iterator[None]:
+        held: list[str] = self._held.__dict__.setdefault("stack", [])
+        if held and held[-1] == name:  # nested block, same adapter: already ours
+            held.append(name)
+            try:
+                yield
+            finally:
+                held.pop()
+            return
+        if held:
+            self._leave()
+        self._enter(name)
+        held.append(name)
+        try:
+            yield
+        finally:
+            held.pop()
+            self._leave()
+            if held:
+                self._enter(held[-1])
+
+    def _may_enter(self, name: str) -> bool:
+        others_waiting = any(n != name and w for n, w in self._waiting.items())
+        return self._running == 0 if name != self._active else not others_waiting
+
+    def _enter(self, name: str) -> None:
+        with self._cond:
+            self._waiting[name] = self._waiting.get(name, 0) + 1
+            try:
+                self._cond.wait_for(lambda: self._may_enter(name))
+            finally:
+                self._waiting[name] -= 1
+                self._cond.notify_all()
+            if name != self._active:
+                self._switch(name)
+                self._active = name
+            self._running += 1
+
+    def _leave(self) -> None:
+        with self._cond:
+            self._running -= 1
+            if self._running == 0:
+                if self._active != self._default and not any(self._waiting.values()):
+                    self._switch(self._default)
+                    self._active = self._default
+                self._cond.notify_all()
 
 
 def prefilled_cache(config, kv: list[tuple[torch.Tensor, torch.Tensor]], batch: int) -> DynamicCache:
@@ -88,8 +191,32 @@ class MemoryModel(nn.Module):
                 for name in names:
                     proj = Projector(d, config.selector_hidden_dim, ACT2FN[c.hidden_act])
                     layer.self_attn.add_module(name, proj.to(device=layer_device, dtype=dtype))
-        self._prefix_cache: OrderedDict[tuple, tuple[torch.Tensor, ...]] = OrderedDict()
+        for layer in self.layers:
+            if not getattr(layer, "_memllm_plans", False):  # once, even if two models wrap one lm
+                layer.register_forward_pre_hook(_run_pre_hooks, with_kwargs=True)
+                layer.register_forward_hook(_run_post_hooks, with_kwargs=True)
+                layer._memllm_plans = True
+        self._init_sharing()
         self.retrieval_mode = "exact"  # M+: "exact" (the published dense scan) or "index" (faiss)
+
+    def _init_sharing(self) -> None:
+        """What threads sharing the model synchronise on (made again for a copy, see __setstate__)."""
+        self._prefix_cache: OrderedDict[tuple, tuple[torch.Tensor, ...]] = OrderedDict()
+        self._prefix_lock = threading.Lock()
+        self._tokenizer_lock = threading.Lock()
+        active = getattr(self, "_active_adapter", ENCODER_ADAPTER)
+        self._adapters = AdapterGate(self._set_adapter, ENCODER_ADAPTER, active)
+
+    def __getstate__(self) -> dict:
+        """Copies (deepcopy, pickle) leave out the locks and the prefix cache."""
+        state = dict(super().__getstate__())
+        for name in ("_prefix_cache", "_prefix_lock", "_tokenizer_lock", "_adapters"):
+            state.pop(name, None)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        self._init_sharing()
 
     # ---- structure -----------------------------------------------------------------------------
 
@@ -131,39 +258,29 @@ class MemoryModel(nn.Module):
     def adapter(self, role: str) -> Iterator[None]:
         """Activate the injection ("encoder") or generation ("decoder") LoRA adapter for a block.
 
+        Threads needing the same adapter run together; one needing the other waits (`AdapterGate`).
         peft's layer-level `set_adapter` also flips `requires_grad`; we restore it, since training
         updates both adapters.
         """
         if self.config.lora_config is None:
             yield
             return
-        name = DECODER_ADAPTER if role == "decoder" and self.config.add_decoder_lora else ENCODER_ADAPTER
-        previous = self._active_adapter
-        if name == previous:
+        with self._adapters.use(self._active_adapter_for(role)):
             yield
-            return
-        self._set_adapter(name)
-        try:
-            yield
-        finally:
-            self._set_adapter(previous)
 
     @contextmanager
     def layer_hooks(self, pre: Callable | None = None, post: Callable | None = None) -> Iterator[None]:
-        """For a block: a forward pre-hook `pre(l)` and/or hook `post(l)` (hook factories taking the layer
-        index, kwargs-style) on every decoder layer. How memllm does per-layer work inside
-        transformers' own forward (injection, M+ retrieval, capturing layer inputs in training)."""
-        handles = []
+        """For a block of the calling thread: a forward pre-hook `pre(l)` and/or hook `post(l)` (hook
+        factories taking the layer index, kwargs-style) on every decoder layer. How memllm does
+        per-layer work inside transformers' own forward (injection, M+ retrieval, capturing layer
+        inputs in training). Other threads' forwards do not see them; nested blocks run in order."""
+        plan = {layer: (pre(l) if pre is not None else None, post(l) if post is not None else None)
+                for l, layer in enumerate(self.layers)}
+        token = _LAYER_PLANS.set(_LAYER_PLANS.get() + (plan,))
         try:
-            for l, layer in enumerate(self.layers):
-                if pre is not None:
-                    handles.append(layer.register_forward_pre_hook(pre(l), with_kwargs=True))
-                if post is not None:
-                    handles.append(layer.register_forward_hook(post(l), with_kwargs=True))
             yield
         finally:
-            for h in handles:
-                h.remove()
+            _LAYER_PLANS.reset(token)
 
     def _set_adapter(self, name: str) -> None:
         from peft.tuners.lora import LoraLayer
@@ -273,18 +390,52 @@ class MemoryModel(nn.Module):
         cacheable = not torch.is_grad_enabled() or not (memory.pool.requires_grad or self.bos_embedding.requires_grad)
         key = (id(memory.pool), memory.pool._version, self._active_adapter_for("decoder"),
                self.bos_embedding._version, self.training)
-        if cacheable and key in self._prefix_cache:
-            entry = self._prefix_cache[key]
-            if entry[0] is memory.pool:
-                self._prefix_cache.move_to_end(key)
-                return entry[1], entry[2]
+        if cacheable:
+            with self._prefix_lock:
+                entry = self._prefix_cache.get(key)
+                if entry is not None and entry[0] is memory.pool:
+                    self._prefix_cache.move_to_end(key)
+                    return entry[1], entry[2]
         kv = self.pool_prefix(memory.pool.unsqueeze(0))
         P = 1 + R + memory.pool.shape[1]
         if cacheable:
-            self._prefix_cache[key] = (memory.pool, kv, P)
-            while len(self._prefix_cache) > 4:
-                self._prefix_cache.popitem(last=False)
+            with self._prefix_lock:
+                self._prefix_cache[key] = (memory.pool, kv, P)
+                while len(self._prefix_cache) > 4:
+                    self._prefix_cache.popitem(last=False)
         return kv, P
+
+    def prefix_length(self, memory: Memory) -> int:
+        """P, the positions a memory's prefix takes before the text (0 for an uninitialised memory)."""
+        return 1 + self.config.num_retrieved + memory.pool.shape[1] if memory.initialized else 0
+
+    def check_room(self, memory: Memory, prompt_tokens: int, max_new_tokens: int | None = None,
+                   what: str = "prompt") -> None:
+        """Refuse a read that does not fit the model's positions (text starts after the memory prefix):
+        beyond them RoPE models read garbage, and a huge max_new_tokens would run until killed."""
+        limit = getattr(self.lm.config, "max_position_embeddings", None)
+        if limit is None:
+            return
+        prefix = self.prefix_length(memory)
+        room = limit - prefix
+        if prompt_tokens > room:
+            raise ValueError(f"{what} of {prompt_tokens} tokens is too long: the model has {limit} positions and "
+                             f"the memory prefix takes {prefix}, leaving {room} for the {what} and the answer")
+        if max_new_tokens is not None and prompt_tokens + max_new_tokens > room:
+            raise ValueError(f"max_new_tokens={max_new_tokens} is beyond the model's positions: of its {limit}, the "
+                             f"memory prefix takes {prefix} and the {what} {prompt_tokens}, so at most "
+                             f"{room - prompt_tokens} new tokens")
+
+    def check_token_ids(self, ids: torch.Tensor) -> None:
+        """Refuse token ids that an embedding lookup would silently truncate (floats) or fail on
+        obscurely (out of range)."""
+        if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
+            raise ValueError(f"token ids must be integers, got {ids.dtype}")
+        vocab = self.lm.get_input_embeddings().weight.shape[0]
+        bad = ids[(ids < 0) | (ids >= vocab)]
+        if bad.numel():
+            raise ValueError(f"invalid token ids {bad[:5].tolist()}: outside the vocabulary of {vocab} tokens "
+                             f"(0..{vocab - 1})")
 
     def pool_prefix(self, pools: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Per-layer (k, v) [B, kv_heads, P, head_dim] of [bos_l ; R placeholders ; pools[:, l]] for
@@ -316,9 +467,14 @@ class MemoryModel(nn.Module):
         [prefix ; prompt] and position ids that start every row's first real token at P.
 
         Padding (left or right) is handled: padded positions are masked, real tokens keep the
-        positions they would have unpadded.
+        positions they would have unpadded. Refuses ids that are not token ids and prompts longer
+        than the model's positions leave after the prefix.
         """
         self.check_memory(memory)
+        self.check_token_ids(input_ids)
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be [batch, tokens], got shape {tuple(input_ids.shape)}")
+        self.check_room(memory, input_ids.shape[1])
         kv, P = self.memory_prefix(memory)
         mask_retrieved = self.config.kind == "mplus" and ltm_is_empty(memory)  # nothing to retrieve yet
         return self._read_inputs(input_ids, attention_mask, kv, P, mask_retrieved)
@@ -396,47 +552,69 @@ class MemoryModel(nn.Module):
     ) -> int:
         """Write a context (text or token ids) into a memory, updating it in place.
 
-        A context longer than `chunk_size` tokens (default 2K, the papers' 512 for K = 256) is
-        injected chunk by chunk, one update per chunk. Returns the number of updates made.
-        `progress(done, total)` is called after each chunk.
+        A context longer than `chunk_size` tokens (default 2K, the papers' 512 for K = 256; at most
+        `max_chunk_size`) is injected chunk by chunk, one update per chunk. Returns the number of
+        updates made. `progress(done, total)` is called after each chunk.
+
+        Inference: no autograd graph is built (no_grad, not inference_mode, so that the pool stays an
+        ordinary tensor a training step may read). Training injects through `delta_memory`.
         """
         self.check_memory(memory)
+        if chunk_size is None:
+            chunk_size = self.default_chunk_size
+        elif chunk_size < 1:
+            raise ValueError(f"chunk_size={chunk_size}: must be at least 1 token")
+        elif chunk_size > self.max_chunk_size:
+            raise ValueError(f"chunk_size={chunk_size} is beyond the model's positions: at most "
+                             f"{self.max_chunk_size} tokens are injected at once")
         ids = self.encode_context(context)
-        chunk_size = chunk_size or self.default_chunk_size
         pieces = chunks(ids, chunk_size)
-        for i, piece in enumerate(pieces):
-            delta = delta_memory(self, memory.pool, piece.unsqueeze(0), initialized=memory.initialized)
-            update(self, memory, delta[0], drop)
-            if progress is not None:
-                progress(i + 1, len(pieces))
+        with torch.no_grad():
+            for i, piece in enumerate(pieces):
+                delta = delta_memory(self, memory.pool, piece.unsqueeze(0), initialized=memory.initialized)
+                update(self, memory, delta[0], drop)
+                if progress is not None:
+                    progress(i + 1, len(pieces))
         return len(pieces)
 
     @property
+    def max_chunk_size(self) -> int:
+        """Longest context one injection takes: the model's positions after the prefix (bos + K rows)."""
+        return max(1, getattr(self.lm.config, "max_position_embeddings", 1 << 30) - self.config.num_tokens - 1)
+
+    @property
     def default_chunk_size(self) -> int:
-        """Longest context injected at once: 2K tokens, within the model's positions after the prefix."""
-        room = getattr(self.lm.config, "max_position_embeddings", 1 << 30) - self.config.num_tokens - 1
-        return max(1, min(2 * self.config.num_tokens, room))
+        """Longest context injected at once by default: 2K tokens, within `max_chunk_size`."""
+        return min(2 * self.config.num_tokens, self.max_chunk_size)
+
+    @contextmanager
+    def using_tokenizer(self) -> Iterator:
+        """The tokenizer, one thread at a time: a fast tokenizer keeps its padding settings in its
+        shared backend, so a call setting them under another thread's encoding unpads its batch."""
+        if self.tokenizer is None:
+            raise ValueError("this model has no tokenizer: pass token ids, or load a checkpoint that ships one")
+        with self._tokenizer_lock:
+            yield self.tokenizer
 
     def encode_context(self, context: "str | torch.Tensor | list[int]") -> torch.Tensor:
-        """Token ids [T] of a context, validated: not empty, ids in range; warns under 16 tokens."""
+        """Token ids [T] of a context, validated: not empty, integer ids in range; warns under 16 tokens."""
         if isinstance(context, str):
             if not context.strip():
                 raise ValueError("nothing to inject: the text is empty")
             if self.tokenizer is None:
                 raise ValueError("this model has no tokenizer: inject token ids instead of text")
-            ids = self.tokenizer(context, add_special_tokens=False, return_tensors="pt")["input_ids"][0]
+            with self.using_tokenizer() as tok:
+                ids = tok(context, add_special_tokens=False, return_tensors="pt")["input_ids"][0]
         else:
-            ids = torch.as_tensor(context, dtype=torch.long)
+            ids = torch.as_tensor(context)
             if ids.dim() == 2 and ids.shape[0] == 1:
                 ids = ids[0]
             if ids.dim() != 1:
                 raise ValueError(f"inject one context at a time: token ids must be [T], got {tuple(ids.shape)}")
         if ids.numel() == 0:
             raise ValueError("nothing to inject: the context has no tokens")
-        vocab = self.lm.get_input_embeddings().weight.shape[0]
-        bad = ids[(ids < 0) | (ids >= vocab)]
-        if bad.numel():
-            raise ValueError(f"invalid token ids {bad[:5].tolist()}: the vocabulary has {vocab} tokens")
+        self.check_token_ids(ids)
+        ids = ids.long()
         if ids.numel() < MIN_CONTEXT_TOKENS:
             warnings.warn(
                 f"context of {ids.numel()} tokens: the published models were trained on contexts of at least "
