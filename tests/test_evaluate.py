@@ -61,7 +61,8 @@ def test_retention_is_deterministic(models):
 
 def test_compare_two_models_table_plot_and_gain(models, tmp_path, capsys):
     plot = tmp_path / "r.png"
-    out = evaluate.compare(models, World(), plot=plot, n_people=1, distractor_counts=(0, 1))
+    out = evaluate.compare(models, World(), plot=plot, n_people=1, distractor_counts=(0, 1), ks=(1, 2), befores=(1,),
+                           one_then=2)
     s = out["summary"]
     for key in ("acc_at_0", "floor", "mplus_gain_at_3x", "memoryllm_acc_at_3x", "mplus_acc_at_3x"):
         assert key in s and not math.isnan(s[key])
@@ -79,10 +80,13 @@ def test_main_on_a_saved_checkpoint(models, tmp_path, capsys):
     from memllm.checkpoint import save
 
     path = save(models["memoryllm"], tmp_path / "ckpt")
-    out = evaluate.main([str(path), "--n-people", "1", "--counts", "0", "--plot", str(tmp_path / "p.png")])
+    out = evaluate.main([str(path), "--n-people", "1", "--counts", "0", "--ks", "2", "--before", "1",
+                         "--plot", str(tmp_path / "p.png")])
     last = capsys.readouterr().out.strip().splitlines()[-1]
     summary = json.loads(last)
     assert summary["acc_at_0"] == out["summary"]["acc_at_0"] and "floor" in summary
+    assert {"memoryllm_k2_mean", "memoryllm_before1", "memoryllm_stranger_abstain_rate",
+            "memoryllm_heldout_template_ratio"} <= set(summary)
 
 
 def test_retention_of_the_shipped_model_does_not_depend_on_the_global_rng():

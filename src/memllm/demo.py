@@ -5,13 +5,13 @@ a synthetic world of invented people: MemoryLLM and M+ (the same model plus a re
 long-term memory). Nothing about the demo's people is in their weights (they are held out from
 training, and their names and facts are invented): every right answer comes from the memory.
 
-The demo gives each of three people their own memory (a memory is an object of its own; one model
-serves many), writes their biography into it, asks about them (and asks a fresh memory, the
-no-memory floor), saves one memory and reloads it, then writes three times as many distractor texts
-as the short-term memory holds into every memory and asks again: MemoryLLM has dropped most of what
-it read, M+ brings it back from long-term memory. (One memory per person because the shipped models
-were trained to answer about the oldest biography in a memory; with several people in one memory
-they mix them up: docs/tinymodel.md.)
+The demo writes five people's biographies into ONE memory per model (a memory is an object of its
+own; one model serves many), asks about each of them and about a stranger it was never told about
+(the right answer is "unknown"), and asks a fresh memory too (the no-memory floor). It saves the
+memory and reloads it, then writes three times as many distractor texts as the short-term memory
+holds and asks again: what MemoryLLM has dropped, M+ can bring back from long-term memory. A wrong
+answer that is another stored person's value is marked with that person's name. The full
+measurements are `memllm eval retention`.
 """
 
 from __future__ import annotations
@@ -27,34 +27,42 @@ from rich.panel import Panel
 from rich.table import Table
 
 import memllm
-from memllm.evaluate import first_word
+from memllm.evaluate import first_word, world_for
 from memllm.inject import RandomDrop
-from memllm.world import World, WorldConfig
+from memllm.world import ABSTAIN
 
 NAMES = {"memoryllm": "tiny-memoryllm", "mplus": "tiny-mplus"}
-PEOPLE, SEED = 3, 7
+PEOPLE, SEED = 5, 7
 
 
-def _answers(models: dict, memories: dict, prompts: list[list[str]]) -> dict[str, list[str]]:
-    """Per model, the first answer word of every question; person i's questions ask memories[k][i]."""
-    return {k: [first_word(a) for memory, asked in zip(memories[k], prompts)
-                for a in models[k].ask(memory, asked, max_new_tokens=3, chat=False)] for k in models}
+def _answers(model, memory, prompts: list[str]) -> list[str]:
+    return [first_word(a) for a in model.ask(memory, prompts, max_new_tokens=3, chat=False)]
 
 
-def _table(console: Console, title: str, prompts: list[str], truth: list[str], columns: dict[str, list[str]]) -> None:
+def _table(console: Console, title: str, prompts: list[str], truth: list[str], owners: dict[tuple[int, str], str],
+           columns: dict[str, list[str]]) -> None:
+    """owners: (question index, value) -> the name of the other stored person who has that value
+    (not shown for the fresh memory, which holds nobody)."""
     table = Table(title=title, title_justify="left")
     table.add_column("question")
     table.add_column("truth")
     for name in columns:
         table.add_column(name)
     for i, prompt in enumerate(prompts):
-        cells = [f"[green]{c[i]}[/]" if c[i] == truth[i] else f"[red]{c[i] or '-'}[/]" for c in columns.values()]
+        cells = []
+        for name, column in columns.items():
+            answer = column[i]
+            if answer == truth[i]:
+                cells.append(f"[green]{answer}[/]")
+            else:
+                whose = owners.get((i, answer)) if name != "no memory" else None
+                cells.append(f"[red]{answer or '-'}[/]" + (f" [dim]({whose}'s)[/]" if whose else ""))
         table.add_row(prompt, truth[i], *cells)
     console.print(table)
 
 
 def run_demo(console: Console, workdir: Path | None = None) -> dict:
-    """Run the demo, printing as it goes; returns the answers and what it measured."""
+    """Run the demo, printing as it goes; returns the counts of right answers and what it measured."""
     tmp = tempfile.TemporaryDirectory(prefix="memllm-demo-") if workdir is None else None
     workdir = Path(tmp.name) if tmp is not None else workdir
     workdir.mkdir(parents=True, exist_ok=True)
@@ -68,54 +76,63 @@ def run_demo(console: Console, workdir: Path | None = None) -> dict:
         "The people below are invented and were never seen in training: what the models know about them "
         "comes from their memory.", title="memllm demo", border_style="cyan"))
 
-    world = World(WorldConfig(seed=0))  # the world the shipped models were trained on
+    world = world_for(NAMES["memoryllm"])  # the world the shipped models were trained on (both share it)
     rng = random.Random(SEED)
-    people = world.heldout_people(PEOPLE, seed=SEED)
+    *people, stranger = world.heldout_people(PEOPLE + 1, seed=SEED)
     bios = [world.biography(p, rng) for p in people]
-    questions = [[world.question(p, a, rng) for a in rng.sample(world.attributes, 2)] for p in people]
-    asked = [[q for q, _ in person] for person in questions]  # per person
-    prompts, truth = [q for person in asked for q in person], [a.strip() for p in questions for _, a in p]
+    # two questions about each person, then two about the stranger (i None)
+    about = [(i, a) for i in [*range(len(people)), None] for a in rng.sample(world.attributes, 2)]
+    questions = [world.question(stranger if i is None else people[i], a, rng, stranger=i is None) for i, a in about]
+    prompts, truth = [q for q, _ in questions], [a.strip() for _, a in questions]
+    owners = {(q, p.attrs[a]): p.name for q, (i, a) in enumerate(about) for j, p in enumerate(people) if j != i}
+    known = 2 * len(people)
 
-    memories = {k: [m.new_memory() for _ in people] for k, m in models.items()}  # one memory per person
+    memories = {k: m.new_memory() for k, m in models.items()}  # ONE memory per model, everyone in it
     drop = RandomDrop(generator=torch.Generator().manual_seed(SEED))  # seeded: the same demo every run
-    for i, bio in enumerate(bios):
-        console.print(f"inject into memory {i + 1}: [italic]{bio}[/]")
+    console.print(f"inject {len(bios)} biographies into one memory (per model), oldest first:")
+    for bio in bios:
+        console.print(f"  [italic]{bio}[/]")
         for k, m in models.items():
-            m.inject(memories[k][i], bio, drop=drop)
-    fresh = {"memoryllm": [models["memoryllm"].new_memory() for _ in people]}
-    floor = _answers({"memoryllm": models["memoryllm"]}, fresh, asked)
-    now = _answers(models, memories, asked)
-    _table(console, "after reading the biographies", prompts, truth,
-           {"no memory": floor["memoryllm"], "MemoryLLM": now["memoryllm"], "M+": now["mplus"]})
+            m.inject(memories[k], bio, drop=drop)
+    console.print(f"and ask about each of them, and about {stranger.name}, who was never written into the memory "
+                  f"(the right answer: {ABSTAIN!r}).")
+    floor = _answers(models["memoryllm"], models["memoryllm"].new_memory(), prompts)
+    now = {k: _answers(m, memories[k], prompts) for k, m in models.items()}
+    _table(console, "after reading the biographies", prompts, truth, owners,
+           {"no memory": floor, "MemoryLLM": now["memoryllm"], "M+": now["mplus"]})
 
-    path = memories["memoryllm"][0].save(workdir / "person1.mem")
+    path = memories["memoryllm"].save(workdir / "people.mem")
     reloaded = models["memoryllm"].load_memory(str(path))
-    again = _answers({"memoryllm": models["memoryllm"]}, {"memoryllm": [reloaded]}, asked[:1])["memoryllm"]
-    identical = again == now["memoryllm"][: len(asked[0])]
-    console.print(f"MemoryLLM memory 1 saved to {path.name} ({path.stat().st_size / 1e6:.1f} MB) and reloaded: "
+    identical = _answers(models["memoryllm"], reloaded, prompts) == now["memoryllm"]
+    console.print(f"MemoryLLM's memory saved to {path.name} ({path.stat().st_size / 1e6:.1f} MB) and reloaded: "
                   f"answers identical = [bold]{identical}[/]")
 
     n = 3 * N // K
-    console.print(f"inject {n} distractor texts into every memory (3x the short-term capacity), e.g. "
+    console.print(f"inject {n} distractor texts into each memory (3x the short-term capacity), e.g. "
                   f"[italic]{world.distractor(random.Random(0))}[/]")
     for _ in range(n):
         text = world.distractor(rng)
         for k, m in models.items():
-            for memory in memories[k]:
-                m.inject(memory, text, drop=drop)
-    later = _answers(models, memories, asked)
-    _table(console, f"after {n} distractors", prompts, truth, {"MemoryLLM": later["memoryllm"], "M+": later["mplus"]})
+            m.inject(memories[k], text, drop=drop)
+    later = {k: _answers(m, memories[k], prompts) for k, m in models.items()}
+    _table(console, f"after {n} distractors", prompts, truth, owners,
+           {"MemoryLLM": later["memoryllm"], "M+": later["mplus"]})
 
-    def score(answers: list[str]) -> int:
-        return sum(a == t for a, t in zip(answers, truth))
+    def right(answers: list[str]) -> int:
+        return sum(a == t for a, t in zip(answers[:known], truth[:known]))
 
-    result = {"questions": len(prompts), "floor": score(floor["memoryllm"]),
-              "memoryllm": score(now["memoryllm"]), "mplus": score(now["mplus"]),
-              "memoryllm_after": score(later["memoryllm"]), "mplus_after": score(later["mplus"]),
+    result = {"people": len(people), "questions": known, "floor": right(floor),
+              "memoryllm": right(now["memoryllm"]), "mplus": right(now["mplus"]),
+              "memoryllm_after": right(later["memoryllm"]), "mplus_after": right(later["mplus"]),
+              "stranger_questions": len(prompts) - known,
+              "memoryllm_abstained": sum(a == ABSTAIN for a in now["memoryllm"][known:]),
+              "mplus_abstained": sum(a == ABSTAIN for a in now["mplus"][known:]),
               "distractors": n, "identical_after_reload": identical}
-    console.print(f"right answers of {len(prompts)}: no memory {result['floor']}; MemoryLLM {result['memoryllm']} "
-                  f"then {result['memoryllm_after']} after {n} distractors; M+ {result['mplus']} then "
-                  f"{result['mplus_after']}.  Full curves: `memllm eval retention`.")
+    console.print(f"right answers about the {len(people)} people ({known} questions): no memory {result['floor']}; "
+                  f"MemoryLLM {result['memoryllm']} then {result['memoryllm_after']} after {n} distractors; M+ "
+                  f"{result['mplus']} then {result['mplus_after']}. The stranger: MemoryLLM said {ABSTAIN!r} "
+                  f"{result['memoryllm_abstained']} of {result['stranger_questions']} times, M+ {result['mplus_abstained']}. "
+                  "Full measurements: `memllm eval retention`.")
     if tmp is not None:
         tmp.cleanup()
     return result

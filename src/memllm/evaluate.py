@@ -1,21 +1,41 @@
-"""Retention of facts in memory: recall of held-out people's facts after n distractor injections.
+"""Evaluations of memory models on a synthetic world of invented people, measuring what a user does.
 
-    python -m memllm.evaluate [CHECKPOINT ...] [--n-people 100] [--plot retention.png]
+    memllm eval retention [CHECKPOINT ...] [--n-people 50] [--plot retention.png]
+    memllm eval integrity [CHECKPOINT] [--updates 100000] [--plot integrity.png]
+    (= python -m memllm.evaluate [retention|integrity] ...)
 
-With no checkpoint it evaluates the shipped tiny models (MemoryLLM and M+) side by side.
+With no checkpoint, `retention` evaluates the shipped tiny models (MemoryLLM and M+) side by side and
+`integrity` the shipped MemoryLLM. Every person asked about is held out from training; every
+question is asked greedily (at most 3 new tokens) and scored by exact match of the first answer word;
+every attribute of a person is asked. Accuracies come with 95% Wilson intervals.
 
-For each held-out person: a fresh memory (``model.new_memory()``), inject the biography, then inject
-distractors one at a time; after n of them (for each n in ``distractor_counts``) ask every attribute
-question (greedy, at most 3 new tokens) and score exact match of the first answer word. The same
-memory is carried from one n to the next, so a person costs max(n) + 1 injections, not sum(n).
+`retention` panels (each a subplot of ``--plot``):
 
-Also measured: the no-memory floor (the questions asked of a fresh memory with nothing about the
-person in it) and, for comparison, the survival law (1 - K/N)^n: the fraction of the biography's
-memory vectors that survive n random drops of K out of N. Accuracies come with a 95% Wilson interval.
+- ``single`` (the original curve): one person per fresh memory, then n distractors, asked after each
+  n; the no-memory floor and the survival law (1 - K/N)^n: the share of the biography's memory vectors
+  left after n random drops of K of N. The same memory is carried from one n to the next.
+- ``people``: k held-out people written into ONE memory in random order (k = 1, 4, N/K (the short-term
+  capacity) and, for M+, 4 N/K), every person asked: mean accuracy, accuracy per position (1 = oldest)
+  and the share of questions answered with another stored person's value. M+ at its largest k also
+  gets the retrieval precision: the share of retrieved long-term rows written by the asked person's
+  injection (found by provenance: every row an update adds is a row of that injection's delta memory,
+  and long-term memory keeps rows unchanged), next to chance (that person's share of long-term rows).
+- ``before``: d distractor texts, then the person's biography, then its questions (d = 1, 4, 8).
+- ``strangers``: in the k = 4 memories, questions about held-out people never written into them:
+  abstention (the answer ``memllm.world.ABSTAIN``) and answers that are a stored person's value.
+- ``wording``: the k = 4 memories asked with question templates held out from training, and with the
+  name in upper case; ``heldout_template_ratio`` = held-out / trained-template accuracy.
+- ``one_then`` (M+ only): one person, then 96 other people's biographies (12x the short-term capacity
+  of the tiny models), the first person asked.
 
-Any memllm model can be evaluated, given QA data: ``world`` needs ``heldout_people(n, seed)``,
-``attributes``, ``biography(person, rng)``, ``question(person, attr, rng) -> (prompt, " answer")``
-and ``distractor(rng)`` (``memllm.world.World`` has them all).
+`integrity`: many updates into one memory (random distractors and biographies); at checkpoints the
+pool's non-finite values, row-norm statistics per layer, and the recall of freshly written held-out
+people (each into a fork of the memory, asked at once), start vs end.
+
+A checkpoint is evaluated on the world it was trained on: ``recipe.json``'s ``"world"`` when present,
+else ``WorldConfig(seed=--world-seed)``. Any memllm model can be evaluated given such a world:
+``heldout_people(n, seed)``, ``attributes``, ``biography(person, rng)``, ``question(person, attr, rng,
+phrasings=, casing=, stranger=)`` and ``distractor(rng)`` (``memllm.world.World`` has them all).
 """
 
 from __future__ import annotations
@@ -25,17 +45,26 @@ import json
 import math
 import random
 import re
+import time
 import warnings
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from rich.console import Console
-from rich.progress import track
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from memllm.inject import RandomDrop
+from memllm.world import ABSTAIN, World, WorldConfig
 
 DEFAULT_COUNTS = (0, 1, 2, 4, 8, 16, 24)
+BEFORE = (1, 4, 8)
+ONE_THEN = 96
+STRANGER_K = 4
+PANELS = ("single", "people", "before", "strangers", "wording", "one_then")
+ASK_BATCH = 256
 
 
 def wilson(correct: int, total: int, z: float = 1.96) -> tuple[float, float]:
@@ -59,9 +88,70 @@ def stm_capacity(model) -> tuple[int, int]:
     return model.config.num_tokens, model.config.num_memory_tokens
 
 
+def world_for(checkpoint: str | Path, world_seed: int = 0) -> World:
+    """The world a checkpoint was trained on: recipe.json's "world" (the tiny-model recipe writes
+    it), else ``WorldConfig(seed=world_seed)`` (checkpoints from before it did)."""
+    from memllm.checkpoint import resolve
+
+    recipe = resolve(checkpoint) / "recipe.json"
+    fields = json.loads(recipe.read_text()).get("world") if recipe.is_file() else None
+    if not fields:
+        return World(WorldConfig(seed=world_seed))
+    return World(WorldConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()}))
+
+
 def _ask(model, memory, prompts: list[str], max_new_tokens: int) -> list[str]:
     with torch.no_grad():
         return model.ask(memory, prompts, max_new_tokens=max_new_tokens, chat=False)
+
+
+def _answers(model, memory, prompts: list[str], max_new_tokens: int) -> list[str]:
+    """First answer word of every prompt (asked in batches of ASK_BATCH)."""
+    out: list[str] = []
+    for i in range(0, len(prompts), ASK_BATCH):
+        out += [first_word(a) for a in _ask(model, memory, prompts[i:i + ASK_BATCH], max_new_tokens)]
+    return out
+
+
+@contextmanager
+def _evaluating(model) -> Iterator[None]:
+    """Eval mode for a block (restored after), with the short-context warning silenced: the world's
+    distractors are short by design."""
+    was_training = model.training
+    model.eval()
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="context of .* tokens")
+            yield
+    finally:
+        model.train(was_training)
+
+
+def _drop(model, seed: int, panel: str) -> RandomDrop:
+    """Seeded memory drops, one stream per panel: a panel's numbers do not depend on what ran before."""
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + sum(map(ord, panel)))
+    return RandomDrop(per_layer=model.config.drop_memory_per_layer, generator=generator)
+
+
+@contextmanager
+def _task(progress: Progress | None, description: str, total: int) -> Iterator[Callable[..., None]]:
+    """A progress-bar task for a block; yields its `advance(steps=1)`."""
+    if progress is None:
+        yield lambda steps=1: None
+        return
+    task = progress.add_task(description, total=total)
+    try:
+        yield lambda steps=1: progress.advance(task, steps)
+    finally:
+        progress.remove_task(task)
+
+
+def progress_bar(enabled: bool = True) -> Progress:
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    console=Console(stderr=True), transient=True, disable=not enabled)
+
+
+# ---- the single-person curve (the original protocol) ---------------------------------------------
 
 
 def retention(
@@ -72,9 +162,10 @@ def retention(
     distractor_counts: tuple[int, ...] = DEFAULT_COUNTS,
     seed: int = 0,
     max_new_tokens: int = 3,
-    progress: bool = False,
+    progress: "bool | Progress" = False,
 ) -> dict[str, Any]:
     """Recall accuracy per number of distractors, with 95% CIs, the floor and the survival law.
+    `progress`: True for a progress bar on stderr, or a `Progress` to add a task to.
 
     Returns {"K", "N", "n_people", "n_questions", "counts": [n...], "acc": {n: a}, "ci": {n: [lo, hi]},
     "survival": {n: (1-K/N)^n}, "floor", "floor_ci", "acc_at_0"}.
@@ -83,8 +174,6 @@ def retention(
         model.tokenizer = tokenizer
     if model.tokenizer is None:
         raise ValueError("retention needs a tokenizer: pass one or use a model that ships one")
-    was_training = model.training
-    model.eval()
     counts = sorted({int(n) for n in distractor_counts})
     K, N = stm_capacity(model)
     people = world.heldout_people(n_people, seed=seed)
@@ -93,30 +182,28 @@ def retention(
     drop = RandomDrop(per_layer=model.config.drop_memory_per_layer, generator=torch.Generator().manual_seed(seed))
     correct = {n: 0 for n in counts}
     floor_correct = total = 0
-    try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="context of .* tokens")  # short distractors are expected
-            bar = Console(stderr=True)
-            for person in track(people, description="retention", disable=not progress, console=bar, transient=True):
-                questions = [world.question(person, a, rng) for a in world.attributes]
-                prompts = [q for q, _ in questions]
-                answers = [a.strip() for _, a in questions]
-                total += len(questions)
+    own = progress_bar() if progress is True else None
+    bar = own or (progress if isinstance(progress, Progress) else None)
+    with _evaluating(model), own or nullcontext(), _task(bar, f"{model.config.kind}: one person", len(people)) as tick:
+        for person in people:
+            questions = [world.question(person, a, rng) for a in world.attributes]
+            prompts = [q for q, _ in questions]
+            answers = [a.strip() for _, a in questions]
+            total += len(questions)
 
-                floor_answers = _ask(model, model.new_memory(), prompts, max_new_tokens)
-                floor_correct += sum(first_word(p) == a for p, a in zip(floor_answers, answers))
+            floor_answers = _ask(model, model.new_memory(), prompts, max_new_tokens)
+            floor_correct += sum(first_word(p) == a for p, a in zip(floor_answers, answers))
 
-                memory = model.new_memory()
-                model.inject(memory, world.biography(person, rng), drop=drop)
-                done = 0
-                for n in counts:
-                    while done < n:
-                        model.inject(memory, world.distractor(rng), drop=drop)
-                        done += 1
-                    predicted = _ask(model, memory, prompts, max_new_tokens)
-                    correct[n] += sum(first_word(p) == a for p, a in zip(predicted, answers))
-    finally:
-        model.train(was_training)
+            memory = model.new_memory()
+            model.inject(memory, world.biography(person, rng), drop=drop)
+            done = 0
+            for n in counts:
+                while done < n:
+                    model.inject(memory, world.distractor(rng), drop=drop)
+                    done += 1
+                predicted = _ask(model, memory, prompts, max_new_tokens)
+                correct[n] += sum(first_word(p) == a for p, a in zip(predicted, answers))
+            tick()
     acc = {n: correct[n] / total for n in counts}
     return {
         "K": K, "N": N, "n_people": len(people), "n_questions": total, "counts": counts,
@@ -132,17 +219,304 @@ def three_x(result: dict) -> int:
     return 3 * result["N"] // result["K"]
 
 
+# ---- lookup: several people in one memory, text before, strangers, wording ------------------------
+
+
+@dataclass
+class Tally:
+    """Exact-match counts of one cell. `other`: wrong answers that are the value of another person
+    stored in the same memory (for strangers: of any stored person); `abstain`: answers ABSTAIN."""
+
+    correct: int = 0
+    total: int = 0
+    other: int = 0
+    abstain: int = 0
+
+    def add(self, answer: str, truth: str, stored: set[str] | frozenset[str] = frozenset()) -> None:
+        right = answer == truth
+        self.correct += right
+        self.total += 1
+        self.other += (not right) and answer in stored
+        self.abstain += answer == ABSTAIN
+
+    def __iadd__(self, other: "Tally") -> "Tally":
+        self.correct += other.correct
+        self.total += other.total
+        self.other += other.other
+        self.abstain += other.abstain
+        return self
+
+    def as_dict(self) -> dict[str, Any]:
+        n = self.total
+        return {"acc": self.correct / n if n else None, "ci": list(wilson(self.correct, n)), "n": n,
+                "other_value_rate": self.other / n if n else None, "abstain_rate": self.abstain / n if n else None}
+
+
+def _row_keys(rows: torch.Tensor) -> list[bytes]:
+    return [r.tobytes() for r in rows.detach().float().cpu().numpy()]
+
+
+class Provenance:
+    """Which injection wrote each memory row. An update appends the injection's delta memory as the
+    pool's last rows and M+ moves dropped rows to long-term memory unchanged, so a row's bytes name
+    its injection. Rows no injection wrote (the initial pool) have source -1."""
+
+    def __init__(self) -> None:
+        self.sources: dict[int, dict[bytes, int]] = {}
+
+    def inject(self, model, memory, context, index: int, drop=None) -> int:
+        """`model.inject`, recording the rows each of its updates appends (the pool's last K) as `index`'s."""
+        K = model.config.num_tokens
+
+        def record(done: int, total: int) -> None:
+            for l in range(memory.pool.shape[0]):
+                self.sources.setdefault(l, {}).update(dict.fromkeys(_row_keys(memory.pool[l, -K:]), index))
+
+        return model.inject(memory, context, drop=drop, progress=record)
+
+    def source(self, layer: int, rows: torch.Tensor) -> list[int]:
+        known = self.sources.get(layer, {})
+        return [known.get(key, -1) for key in _row_keys(rows)]
+
+
+def retrieval_precision(model, memory, prompts: list[str], owners: list[int], provenance: Provenance) -> tuple[int, int, float]:
+    """For M+ questions whose asked person was written by injection owners[i]: (retrieved long-term
+    rows written by that injection, rows retrieved, expected hits of a retriever that ignores the
+    question: per question and layer, that injection's share of the long-term rows times R)."""
+    from memllm.generate import encode_prompt
+
+    hits = total = 0
+    chance = 0.0
+    for i in range(0, len(prompts), ASK_BATCH):
+        enc = encode_prompt(model, prompts[i:i + ASK_BATCH], chat=False)
+        trace: list = []
+        with torch.no_grad():
+            model(enc["input_ids"], memory, enc["attention_mask"], retrievals=trace)
+        for l, results in trace:
+            st = memory.ltm.layers[l]
+            everything = provenance.source(l, torch.cat([st.vectors, st.cache_vectors.to(st.vectors.dtype)]))
+            for owner, r in zip(owners[i:i + ASK_BATCH], results):
+                sources = provenance.source(l, st.rows(r.order))
+                hits += sum(s == owner for s in sources)
+                total += len(sources)
+                chance += len(sources) * everything.count(owner) / len(everything)
+    return hits, total, chance
+
+
+def people_in_memory(
+    model,
+    world,
+    k: int,
+    n_people: int = 50,
+    seed: int = 0,
+    strangers: bool = False,
+    wording: bool = False,
+    trace: bool = False,
+    max_new_tokens: int = 3,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    """k held-out people written into ONE memory in random order, every attribute of each asked.
+
+    ceil(n_people / k) memories, so at least n_people people are asked. Returns {"k", "memories",
+    "all": tally, "positions": [tally per position, 1 = oldest]} (tallies as `Tally.as_dict`), plus
+    with `strangers` "strangers": questions about as many held-out people never written into the
+    memory (truth ABSTAIN); with `wording` "heldout" (question templates held out from training) and
+    "upper" (the name in upper case); with `trace` (M+) "retrieval": {"precision", "chance", "rows"}.
+    """
+    memories = math.ceil(n_people / k)
+    outsiders = math.ceil(n_people / memories) if strangers else 0
+    rng = random.Random(f"people:{k}:{seed}")
+    pool = world.heldout_people(memories * (k + outsiders), seed=seed)
+    drop = _drop(model, seed, f"people{k}")
+    positions = [Tally() for _ in range(k)]
+    cells = {name: Tally() for name in ("strangers", "heldout", "upper")}
+    hits = retrieved = 0
+    chance = 0.0
+    with _evaluating(model), _task(progress, f"{model.config.kind}: {k} people per memory", memories) as tick:
+        for m in range(memories):
+            chunk = pool[m * (k + outsiders):(m + 1) * (k + outsiders)]
+            group, others = chunk[:k], chunk[k:]
+            rng.shuffle(group)
+            memory = model.new_memory()
+            provenance = Provenance() if trace and getattr(memory, "ltm", None) is not None else None
+            for i, person in enumerate(group):
+                if provenance is not None:
+                    provenance.inject(model, memory, world.biography(person, rng), i, drop=drop)
+                else:
+                    model.inject(memory, world.biography(person, rng), drop=drop)
+            stored = {a: {p.attrs[a] for p in group} for a in world.attributes}
+            asked = []  # (cell, position or -1, prompt, truth, values that are another stored person's)
+            for i, person in enumerate(group):
+                rest = {a: {p.attrs[a] for j, p in enumerate(group) if j != i} for a in world.attributes}
+                for a in world.attributes:
+                    variants = [("train", "train", "as_is")]
+                    if wording:
+                        variants += [("heldout", "heldout", "as_is"), ("upper", "train", "upper")]
+                    for cell, phrasings, casing in variants:
+                        prompt, truth = world.question(person, a, rng, phrasings=phrasings, casing=casing)
+                        asked.append((cell, i, prompt, truth.strip(), rest[a]))
+            for person in others:
+                for a in world.attributes:
+                    prompt, truth = world.question(person, a, rng, stranger=True)
+                    asked.append(("strangers", -1, prompt, truth.strip(), stored[a]))
+            answers = _answers(model, memory, [q[2] for q in asked], max_new_tokens)
+            for (cell, i, _, truth, rest), answer in zip(asked, answers):
+                (positions[i] if cell == "train" else cells[cell]).add(answer, truth, rest)
+            if provenance is not None and any(layer.num_ltm for layer in memory.ltm.layers):
+                train = [(i, prompt) for cell, i, prompt, _, _ in asked if cell == "train"]
+                h, t, c = retrieval_precision(model, memory, [p for _, p in train], [i for i, _ in train], provenance)
+                hits, retrieved, chance = hits + h, retrieved + t, chance + c
+            tick()
+    overall = Tally()
+    for t in positions:
+        overall += t
+    out: dict[str, Any] = {"k": k, "memories": memories, "all": overall.as_dict(),
+                           "positions": [t.as_dict() for t in positions]}
+    if strangers:
+        out["strangers"] = cells["strangers"].as_dict()
+    if wording:
+        out["heldout"], out["upper"] = cells["heldout"].as_dict(), cells["upper"].as_dict()
+    if trace:
+        out["retrieval"] = {"precision": hits / retrieved if retrieved else None,
+                            "chance": chance / retrieved if retrieved else None, "rows": retrieved}
+    return out
+
+
+def recall_among(
+    model,
+    world,
+    n_people: int = 50,
+    seed: int = 0,
+    before: int = 0,
+    after: int = 0,
+    max_new_tokens: int = 3,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    """Each of n_people held-out people in a fresh memory: `before` distractor texts, the person's
+    biography, then `after` other held-out people's biographies; every attribute asked. Returns
+    `Tally.as_dict` ("other_value_rate": answered with one of the other biographies' values)."""
+    rng = random.Random(f"among:{before}:{after}:{seed}")
+    people = world.heldout_people(n_people + after, seed=seed)
+    drop = _drop(model, seed, f"among{before}:{after}")
+    tally = Tally()
+    with _evaluating(model), _task(progress, f"{model.config.kind}: {before} before, {after} after", n_people) as tick:
+        for t, person in enumerate(people[:n_people]):
+            rest = rng.sample(people[:t] + people[t + 1:], after)
+            memory = model.new_memory()
+            texts = ([world.distractor(rng) for _ in range(before)] + [world.biography(person, rng)]
+                     + [world.biography(p, rng) for p in rest])
+            for text in texts:
+                model.inject(memory, text, drop=drop)
+            questions = [world.question(person, a, rng) for a in world.attributes]
+            answers = _answers(model, memory, [q for q, _ in questions], max_new_tokens)
+            for a, (_, truth), answer in zip(world.attributes, questions, answers):
+                tally.add(answer, truth.strip(), {p.attrs[a] for p in rest})
+            tick()
+    return tally.as_dict()
+
+
+def default_ks(model) -> tuple[int, ...]:
+    """1, 4 and the short-term capacity N/K; M+ also 4 N/K (most of it in long-term memory)."""
+    K, N = stm_capacity(model)
+    cap = max(1, N // K)
+    return tuple(sorted({1, 4, cap} | ({4 * cap} if model.config.kind == "mplus" else set())))
+
+
+def lookup(
+    model,
+    world,
+    n_people: int = 50,
+    seed: int = 0,
+    ks: Sequence[int] | None = None,
+    befores: Sequence[int] = BEFORE,
+    one_then: int = ONE_THEN,
+    panels: Sequence[str] = PANELS,
+    max_new_tokens: int = 3,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    """The lookup panels of one model (see the module docstring): {"people": {k: people_in_memory},
+    "before": {d: tally}, "strangers", "heldout", "upper", "one_then": tally (M+)}."""
+    ks = tuple(sorted(set(ks or default_ks(model))))
+    mplus = model.config.kind == "mplus"
+    out: dict[str, Any] = {}
+    kw = {"n_people": n_people, "seed": seed, "max_new_tokens": max_new_tokens, "progress": progress}
+    people_ks = set(ks) if "people" in panels else set()
+    if {"strangers", "wording"} & set(panels):
+        people_ks.add(STRANGER_K)  # strangers and wording are asked in the memories of STRANGER_K people
+    for k in sorted(people_ks):
+        r = people_in_memory(model, world, k, strangers=k == STRANGER_K and "strangers" in panels,
+                             wording=k == STRANGER_K and "wording" in panels,
+                             trace=mplus and "people" in panels and k == max(ks), **kw)
+        for probe in ("strangers", "heldout", "upper"):
+            if probe in r:
+                out[probe] = r.pop(probe)
+        if "heldout" in out and k == STRANGER_K:
+            out["trained_templates"] = r["all"]
+        if "people" in panels:
+            out.setdefault("people", {})[k] = r
+    if "before" in panels:
+        out["before"] = {d: recall_among(model, world, before=d, **kw) for d in befores}
+    if "one_then" in panels and mplus:
+        out["one_then"] = recall_among(model, world, after=one_then, **kw)
+        out["one_then_count"] = one_then
+    return out
+
+
+def lookup_summary(name: str, r: dict[str, Any]) -> dict[str, Any]:
+    """The last-line JSON keys of one model's lookup panels, prefixed with its name."""
+    s: dict[str, Any] = {}
+    for k, cell in r.get("people", {}).items():
+        accs = [p["acc"] for p in cell["positions"]]
+        s[f"{name}_k{k}_mean"] = cell["all"]["acc"]
+        s[f"{name}_k{k}_min_position"] = min(accs)
+        s[f"{name}_k{k}_other_value_rate"] = cell["all"]["other_value_rate"]
+        s[f"{name}_k{k}_positions"] = [round(a, 4) for a in accs]
+        if cell.get("retrieval"):
+            s[f"{name}_retrieval_precision_k{k}"] = cell["retrieval"]["precision"]
+            s[f"{name}_retrieval_chance_k{k}"] = cell["retrieval"]["chance"]
+    for d, cell in r.get("before", {}).items():
+        s[f"{name}_before{d}"] = cell["acc"]
+    if "strangers" in r:
+        s[f"{name}_stranger_abstain_rate"] = r["strangers"]["abstain_rate"]
+        s[f"{name}_stranger_stored_value_rate"] = r["strangers"]["other_value_rate"]
+    if "heldout" in r:
+        trained = r["trained_templates"]["acc"]
+        s[f"{name}_trained_template_acc"] = trained
+        s[f"{name}_heldout_template_acc"] = r["heldout"]["acc"]
+        s[f"{name}_heldout_template_ratio"] = r["heldout"]["acc"] / trained if trained else None
+        s[f"{name}_upper_name_acc"] = r["upper"]["acc"]
+    if "one_then" in r:
+        s[f"{name}_one_then_{r['one_then_count']}"] = r["one_then"]["acc"]
+    return s
+
+
+# ---- all panels, several models --------------------------------------------------------------------
+
+
 def compare(models: dict[str, Any], world, tokenizer=None, plot: str | Path | None = None,
-            print_table: bool = True, **kw) -> dict[str, Any]:
-    """`retention` of each named model; with a "memoryllm" and an "mplus" model also
-    ``mplus_gain_at_3x`` (M+ minus MemoryLLM accuracy at n = 3 N / K). Prints a table, writes a plot,
-    returns {"results": {name: retention}, "summary": {...}} (summary is the last-line JSON)."""
+            print_table: bool = True, panels: Sequence[str] = PANELS, ks: Sequence[int] | None = None,
+            befores: Sequence[int] = BEFORE, one_then: int = ONE_THEN, **kw) -> dict[str, Any]:
+    """Every panel of each named model (``world``: one World, or one per name). Prints tables, writes
+    a plot, returns {"results": {name: retention}, "lookup": {name: lookup}, "summary": {...}} (summary
+    is the last-line JSON: the single-person keys (``acc_at_0``, ``floor``, with a "memoryllm" and an
+    "mplus" model ``mplus_gain_at_3x``, M+ minus MemoryLLM at n = 3 N / K) and `lookup_summary`'s)."""
+    worlds = world if isinstance(world, dict) else {name: world for name in models}
+    progress = kw.pop("progress", False)
     results: dict[str, dict] = {}
+    lookups: dict[str, dict] = {}
     base_counts = set(kw.pop("distractor_counts", DEFAULT_COUNTS))
-    for name, model in models.items():
-        K, N = stm_capacity(model)
-        counts = base_counts | {3 * N // K}
-        results[name] = retention(model, world, tokenizer, distractor_counts=tuple(counts), **kw)
+    with progress_bar(progress) as bar:
+        for name, model in models.items():
+            if tokenizer is not None:
+                model.tokenizer = tokenizer
+            if "single" in panels:
+                K, N = stm_capacity(model)
+                counts = base_counts | {3 * N // K}
+                results[name] = retention(model, worlds[name], distractor_counts=tuple(counts),
+                                          progress=bar if progress else False, **kw)
+            lookup_kw = {k: v for k, v in kw.items() if k in ("n_people", "seed", "max_new_tokens")}
+            lookups[name] = lookup(model, worlds[name], ks=ks, befores=befores, one_then=one_then, panels=panels,
+                                   progress=bar if progress else None, **lookup_kw)
     summary: dict[str, Any] = {}
     for name, r in results.items():
         prefix = "" if len(results) == 1 else f"{name}_"
@@ -155,16 +529,26 @@ def compare(models: dict[str, Any], world, tokenizer=None, plot: str | Path | No
     if "mplus" in results and "memoryllm" in results:
         n = three_x(results["mplus"])
         summary["mplus_gain_at_3x"] = results["mplus"]["acc"][n] - results["memoryllm"]["acc"].get(n, float("nan"))
+    for name, r in lookups.items():
+        summary.update(lookup_summary(name, r))
     if print_table:
         print_results(results)
+        print_lookup(lookups)
     if plot is not None:
-        plot_results(results, plot)
+        plot_all(results, lookups, plot)
         summary["plot"] = str(plot)
-    return {"results": results, "summary": summary}
+    return {"results": results, "lookup": lookups, "summary": summary}
+
+
+def _pct(cell: dict) -> str:
+    return "-" if cell["acc"] is None else f"{cell['acc']:.3f} [{cell['ci'][0]:.2f}, {cell['ci'][1]:.2f}]"
+
+
+def _rate(x: float | None) -> str:
+    return "-" if x is None else f"{x:.3f}"
 
 
 def print_results(results: dict[str, dict]) -> None:
-    from rich.console import Console
     from rich.table import Table
 
     for name, r in results.items():
@@ -182,13 +566,49 @@ def print_results(results: dict[str, dict]) -> None:
         console.print(table)
 
 
-def plot_results(results: dict[str, dict], path: str | Path) -> None:
-    import matplotlib
+def print_lookup(lookups: dict[str, dict]) -> None:
+    """Rich tables of the lookup panels: accuracy (95% CI) per cell."""
+    from rich.table import Table
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    console = Console(width=140)
+    for name, r in lookups.items():
+        if "people" in r:
+            table = Table(title=f"{name}: k people in one memory, every person asked (position 1 = oldest)",
+                          title_justify="left")
+            for col in ("k", "questions", "mean accuracy [95% CI]", "another stored person's value", "per position"):
+                table.add_column(col, justify="right" if col != "per position" else "left")
+            for k, cell in r["people"].items():
+                per = " ".join(f"{p['acc']:.2f}" for p in cell["positions"])
+                table.add_row(str(k), str(cell["all"]["n"]), _pct(cell["all"]), _rate(cell["all"]["other_value_rate"]), per)
+            console.print(table)
+            for k, cell in r["people"].items():
+                if (cell.get("retrieval") or {}).get("precision") is not None:
+                    console.print(f"{name}: {k} people, share of retrieved long-term rows written by the asked person: "
+                                  f"{cell['retrieval']['precision']:.3f} (chance {cell['retrieval']['chance']:.3f})")
+        rows = [(f"{d} distractors, then the person", c) for d, c in r.get("before", {}).items()]
+        if "one_then" in r:
+            rows.append((f"the person, then {r['one_then_count']} other people", r["one_then"]))
+        if "heldout" in r:
+            rows += [(f"{STRANGER_K} people, held-out question templates", r["heldout"]),
+                     (f"{STRANGER_K} people, name in upper case", r["upper"])]
+        if rows:
+            table = Table(title=f"{name}: other memories", title_justify="left")
+            for col in ("memory", "questions", "accuracy [95% CI]", "another person's value"):
+                table.add_column(col, justify="left" if col == "memory" else "right")
+            for label, cell in rows:
+                table.add_row(label, str(cell["n"]), _pct(cell), _rate(cell["other_value_rate"]))
+            console.print(table)
+        if "heldout" in r:
+            s = lookup_summary(name, r)
+            console.print(f"{name}: held-out / trained question templates: {_rate(s[f'{name}_heldout_template_ratio'])}")
+        if "strangers" in r:
+            s = r["strangers"]
+            console.print(f"{name}: strangers (never written into a memory of {STRANGER_K} people), {s['n']} questions: "
+                          f"abstained ({ABSTAIN!r}) {_rate(s['abstain_rate'])}, answered with a stored person's value "
+                          f"{_rate(s['other_value_rate'])}")
 
-    fig, ax = plt.subplots(figsize=(6, 4))
+
+def _plot_single(ax, results: dict[str, dict]) -> None:
     for name, r in results.items():
         xs = r["counts"]
         ys = [r["acc"][n] for n in xs]
@@ -203,40 +623,302 @@ def plot_results(results: dict[str, dict], path: str | Path) -> None:
             label="survival law (scaled)")
     ax.set_xlabel("distractor injections after the biography")
     ax.set_ylabel("exact-match recall")
-    ax.set_ylim(0, 1)
-    ax.legend(fontsize=8)
+    ax.set_title("one person per memory", fontsize=9)
+
+
+def _errorbar(ax, xs, cells: list[dict], **kw) -> None:
+    ys = [c["acc"] for c in cells]
+    ax.errorbar(xs, ys, yerr=[[y - c["ci"][0] for y, c in zip(ys, cells)], [c["ci"][1] - y for y, c in zip(ys, cells)]],
+                marker="o", capsize=3, **kw)
+
+
+def _bars(ax, lookups: dict[str, dict], items: list[tuple[str, Callable[[dict], float | None]]], title: str,
+          colors: dict[str, str]) -> None:
+    width = 0.8 / max(1, len(lookups))
+    for j, (name, r) in enumerate(lookups.items()):
+        values = [get(r) for _, get in items]
+        xs = [i + j * width for i, v in enumerate(values) if v is not None]
+        ax.bar(xs, [v for v in values if v is not None], width, label=name, color=colors[name])
+    ax.set_xticks([i + width * (len(lookups) - 1) / 2 for i in range(len(items))], [label for label, _ in items],
+                  rotation=20, fontsize=7, ha="right")
+    ax.set_title(title, fontsize=9)
+
+
+def plot_all(results: dict[str, dict], lookups: dict[str, dict], path: str | Path) -> None:
+    """One subplot per panel: the single-person curve, accuracy per position, mean accuracy per k,
+    text before, strangers and wording, M+ (one then many; retrieval precision vs chance)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 3, figsize=(15, 8.5))
+    ax_single, ax_pos, ax_k, ax_before, ax_probe, ax_mplus = axes.flat
+    colors = {name: f"C{i}" for i, name in enumerate(dict.fromkeys([*results, *lookups]))}
+    if results:
+        _plot_single(ax_single, results)
+    styles = iter(["-", "--", ":", "-."] * 8)
+    for name, r in lookups.items():
+        people = r.get("people", {})
+        for k, cell in people.items():
+            if k > 1:  # k = 1 is the mean panel's first point
+                accs = [p["acc"] for p in cell["positions"]]
+                ax_pos.plot(range(1, k + 1), accs, next(styles), marker=".", color=colors[name], label=f"{name}, k={k}")
+                ax_pos.fill_between(range(1, k + 1), [p["ci"][0] for p in cell["positions"]],
+                                    [p["ci"][1] for p in cell["positions"]], color=colors[name], alpha=0.08)
+        if people:
+            _errorbar(ax_k, list(people), [c["all"] for c in people.values()], label=name, color=colors[name])
+        if r.get("before"):
+            _errorbar(ax_before, list(r["before"]), list(r["before"].values()), label=name, color=colors[name])
+    ax_pos.set(xlabel="position in memory (1 = oldest)", ylabel="accuracy", xscale="log")
+    ax_pos.set_title("k people in one memory: per position (95% CI shaded)", fontsize=9)
+    ax_k.set(xlabel="people in one memory (k)", ylabel="mean accuracy", xscale="log")
+    ax_k.set_title("k people in one memory: mean", fontsize=9)
+    ax_before.set(xlabel="distractor texts before the biography", ylabel="accuracy")
+    ax_before.set_title("text before the person", fontsize=9)
+    _bars(ax_probe, lookups, [
+        ("stranger: abstains", lambda r: (r.get("strangers") or {}).get("abstain_rate")),
+        ("stranger: stored value", lambda r: (r.get("strangers") or {}).get("other_value_rate")),
+        ("trained templates", lambda r: (r.get("trained_templates") or {}).get("acc")),
+        ("held-out templates", lambda r: (r.get("heldout") or {}).get("acc")),
+        ("UPPER-CASE name", lambda r: (r.get("upper") or {}).get("acc")),
+    ], f"strangers and wording ({STRANGER_K} people per memory)", colors)
+    mplus = {n: r for n, r in lookups.items() if "one_then" in r or any(c.get("retrieval") for c in r.get("people", {}).values())}
+    if mplus:
+        def retrieval(r: dict, key: str) -> float | None:
+            cells = [c["retrieval"] for c in r.get("people", {}).values() if c.get("retrieval")]
+            return cells[-1][key] if cells else None
+
+        _bars(ax_mplus, mplus, [
+            ("one person, then many", lambda r: (r.get("one_then") or {}).get("acc")),
+            ("retrieval precision", lambda r: retrieval(r, "precision")),
+            ("retrieval chance", lambda r: retrieval(r, "chance")),
+        ], "M+: long-term memory", colors)
+    else:
+        ax_mplus.axis("off")
+    for ax in axes.flat:
+        if ax.axison:
+            ax.set_ylim(0, 1.02)
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend(fontsize=7)
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
-def main(argv: list[str] | None = None) -> dict:
-    from memllm.checkpoint import load
-    from memllm.world import World, WorldConfig
+# ---- integrity: many updates into one memory -------------------------------------------------------
 
-    parser = argparse.ArgumentParser(description="Retention curve of memllm checkpoints on a synthetic world.")
+
+def integrity_checkpoints(updates: int, points: int = 20) -> list[int]:
+    """0, powers of ten and `points` evenly spaced update counts up to `updates`."""
+    marks = {0, updates} | {round(updates * i / points) for i in range(1, points + 1)}
+    marks |= {10 ** i for i in range(int(math.log10(updates)) + 1)} if updates > 0 else set()
+    return sorted(m for m in marks if m <= updates)
+
+
+def integrity(
+    model,
+    world,
+    updates: int = 100_000,
+    points: int = 20,
+    recall_people: int = 50,
+    seed: int = 0,
+    texts: int = 2048,
+    max_new_tokens: int = 3,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    """`updates` memory updates (injections of random distractors and training people's biographies,
+    one update each unless a text is longer than the chunk size) into one memory. Every update:
+    non-finite values among the rows it wrote. At each checkpoint: row-norm
+    mean and max per layer of the pool, and the recall of `recall_people` held-out people (the same
+    ones each time), each written into a fork of the memory and asked every attribute at once.
+
+    Returns {"updates", "updates_per_s", "nan_count", "checkpoints": [{"update", "norm_mean": [per
+    layer], "norm_max": [...], "recall", "recall_ci"}]} and the summary keys of `integrity_summary`.
+    """
+    rng = random.Random(f"integrity:{seed}")
+    people = world.people_stream("train", seed=seed)
+    pool = [world.distractor(rng) if i % 2 else world.biography(next(people), rng) for i in range(texts)]
+    with _evaluating(model):  # tokenized once: the updates are what is timed
+        ids = [model.encode_context(t) for t in pool]
+    probes = world.heldout_people(recall_people, seed=seed)
+    probe_bios = [world.biography(p, rng) for p in probes]
+    probe_questions = [[world.question(p, a, rng) for a in world.attributes] for p in probes]
+    drop = _drop(model, seed, "integrity")
+    K = model.config.num_tokens
+    checkpoints: list[dict[str, Any]] = []
+    nan_count = done = 0
+    seconds = 0.0
+
+    def check(chunk: int, chunks: int) -> None:  # after every update: the K rows it wrote
+        nonlocal nan_count
+        nan_count += int((~torch.isfinite(memory.pool[:, -K:])).sum())
+
+    with _evaluating(model), _task(progress, f"{model.config.kind}: {updates} updates", updates) as tick:
+        memory = model.new_memory()
+        for mark in integrity_checkpoints(updates, points):
+            start = time.perf_counter()
+            while done < mark:
+                made = model.inject(memory, ids[rng.randrange(len(ids))], drop=drop, progress=check)
+                done += made
+                tick(made)
+            seconds += time.perf_counter() - start
+            checkpoints.append(_integrity_checkpoint(model, memory, done, probe_bios, probe_questions,
+                                                     _drop(model, seed, "probe"), max_new_tokens))
+    out = {"updates": done, "updates_per_s": done / seconds if seconds else None, "nan_count": nan_count,
+           "checkpoints": checkpoints}
+    out.update(integrity_summary(out))
+    return out
+
+
+def _integrity_checkpoint(model, memory, done: int, bios: list[str], questions: list[list[tuple[str, str]]],
+                          drop: RandomDrop, max_new_tokens: int) -> dict[str, Any]:
+    norms = memory.pool.detach().float().norm(dim=-1)  # [L, N]
+    tally = Tally()
+    for bio, asked in zip(bios, questions):
+        fork = memory.fork()
+        model.inject(fork, bio, drop=drop)
+        for answer, (_, truth) in zip(_answers(model, fork, [q for q, _ in asked], max_new_tokens), asked):
+            tally.add(answer, truth.strip())
+    cell = tally.as_dict()
+    return {"update": done, "norm_mean": norms.mean(1).tolist(), "norm_max": norms.amax(1).tolist(),
+            "nonfinite_in_pool": int((~torch.isfinite(memory.pool)).sum()), "recall": cell["acc"],
+            "recall_ci": cell["ci"], "recall_n": cell["n"]}
+
+
+def integrity_summary(r: dict[str, Any]) -> dict[str, Any]:
+    """Last-line keys: recall at the start (a fresh memory) and the end, the drop, pool row norms."""
+    first, last = r["checkpoints"][0], r["checkpoints"][-1]
+    return {
+        "recall_start": first["recall"], "recall_end": last["recall"],
+        "recall_drop": (first["recall"] - last["recall"]) if first["recall"] is not None else None,
+        "recall_min": min(c["recall"] for c in r["checkpoints"]),
+        "norm_mean_start": sum(first["norm_mean"]) / len(first["norm_mean"]),
+        "norm_mean_end": sum(last["norm_mean"]) / len(last["norm_mean"]),
+        "norm_max": max(max(c["norm_max"]) for c in r["checkpoints"]),
+        "norm_max_end": max(last["norm_max"]),
+    }
+
+
+def plot_integrity(r: dict[str, Any], path: str | Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    xs = [max(c["update"], 0.5) for c in r["checkpoints"]]  # update 0 drawn at 0.5 on the log axis
+    fig, (ax_norm, ax_recall) = plt.subplots(1, 2, figsize=(11, 4))
+    for l in range(len(r["checkpoints"][0]["norm_mean"])):
+        line = ax_norm.plot(xs, [c["norm_mean"][l] for c in r["checkpoints"]], marker=".", label=f"layer {l} mean")
+        ax_norm.plot(xs, [c["norm_max"][l] for c in r["checkpoints"]], ":", color=line[0].get_color(), label=f"layer {l} max")
+    ax_norm.set(xscale="log", xlabel="updates (0 at 0.5)", ylabel="memory row norm", title="pool row norms")
+    ax_norm.legend(fontsize=7)
+    _errorbar(ax_recall, xs, [{"acc": c["recall"], "ci": c["recall_ci"]} for c in r["checkpoints"]])
+    ax_recall.set(xscale="log", xlabel="updates (0 at 0.5)", ylabel="accuracy", ylim=(0, 1.02),
+                  title="recall of a person written after that many updates")
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ---- command line ----------------------------------------------------------------------------------
+
+
+def _load(parser: argparse.ArgumentParser, path: str):
+    from memllm.checkpoint import CheckpointError, load
+
+    try:
+        return load(path)
+    except (CheckpointError, OSError) as e:
+        parser.exit(1, f"error: {e}\n")
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    return tuple(int(c) for c in text.split(",") if c.strip())
+
+
+def main_retention(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(prog="memllm eval retention",
+                                     description="Retention and lookup panels of memllm checkpoints on a synthetic world.")
     parser.add_argument("checkpoints", nargs="*", default=["tiny-memoryllm", "tiny-mplus"],
                         help="checkpoint dirs or shipped names (named by their config kind); default: the "
                              "shipped tiny MemoryLLM and M+ models")
-    parser.add_argument("--n-people", type=int, default=100)
-    parser.add_argument("--counts", default=",".join(map(str, DEFAULT_COUNTS)))
-    parser.add_argument("--seed", type=int, default=0, help="held-out people and text draws")
-    parser.add_argument("--world-seed", type=int, default=0, help="the world the models were trained on")
+    parser.add_argument("--n-people", type=int, default=50, help="held-out people asked per cell")
+    parser.add_argument("--counts", default=",".join(map(str, DEFAULT_COUNTS)),
+                        help="single panel: distractor counts (3 N / K is always added)")
+    parser.add_argument("--ks", default="", help="people per memory (default: 1, 4, N/K, and 4 N/K for M+)")
+    parser.add_argument("--before", default=",".join(map(str, BEFORE)), help="distractor texts before the person")
+    parser.add_argument("--one-then", type=int, default=ONE_THEN, help="M+: biographies after the person asked")
+    parser.add_argument("--panels", default=",".join(PANELS), help=f"which panels, of {','.join(PANELS)}")
+    parser.add_argument("--seed", type=int, default=0, help="held-out people, text draws and memory drops")
+    parser.add_argument("--world-seed", type=int, default=0,
+                        help="the world the models were trained on, when recipe.json does not say")
     parser.add_argument("--plot", default="retention.png")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
+    panels = tuple(p.strip() for p in args.panels.split(",") if p.strip())
+    if unknown := set(panels) - set(PANELS):
+        parser.exit(2, f"error: unknown panel(s) {', '.join(sorted(unknown))}; choose from {', '.join(PANELS)}\n")
+    if args.n_people < 1:
+        parser.exit(2, "error: --n-people must be at least 1\n")
     torch.set_num_threads(args.threads)
-    world = World(WorldConfig(seed=args.world_seed))
-    models = {}
+    models, worlds = {}, {}
     for path in args.checkpoints:
-        model = load(path)
+        model = _load(parser, path)
         name = model.config.kind if model.config.kind not in models else f"{model.config.kind}:{path}"
-        models[name] = model
-    out = compare(models, world, plot=args.plot, n_people=args.n_people, seed=args.seed,
-                  distractor_counts=tuple(int(c) for c in args.counts.split(",")), progress=True)
+        models[name], worlds[name] = model, world_for(path, args.world_seed)
+    out = compare(models, worlds, plot=args.plot, n_people=args.n_people, seed=args.seed, panels=panels,
+                  ks=_ints(args.ks) or None, befores=_ints(args.before), one_then=args.one_then,
+                  distractor_counts=_ints(args.counts), progress=True)
     print(json.dumps(out["summary"]))
     return out
+
+
+def main_integrity(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(
+        prog="memllm eval integrity",
+        description="Many updates into one memory: non-finite values, pool row norms, recall start vs end. "
+                    "An M+ memory keeps every dropped row in long-term memory (K rows per layer per update).")
+    parser.add_argument("checkpoint", nargs="?", default="tiny-memoryllm",
+                        help="checkpoint dir or shipped name (default: the shipped tiny MemoryLLM)")
+    parser.add_argument("--updates", type=int, default=100_000, help="memory updates into the one memory")
+    parser.add_argument("--points", type=int, default=20, help="evenly spaced checkpoints (plus 0 and powers of 10)")
+    parser.add_argument("--recall-people", type=int, default=50, help="held-out people asked at each checkpoint")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--world-seed", type=int, default=0,
+                        help="the world the model was trained on, when recipe.json does not say")
+    parser.add_argument("--plot", default="integrity.png")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args(argv)
+    if args.updates < 1 or args.recall_people < 1:
+        parser.exit(2, "error: --updates and --recall-people must be at least 1\n")
+    torch.set_num_threads(args.threads)
+    model = _load(parser, args.checkpoint)
+    with progress_bar() as bar:
+        out = integrity(model, world_for(args.checkpoint, args.world_seed), updates=args.updates, points=args.points,
+                        recall_people=args.recall_people, seed=args.seed, progress=bar)
+    console = Console(width=120)
+    for c in out["checkpoints"]:
+        console.print(f"update {c['update']:>8}: recall {c['recall']:.3f} [{c['recall_ci'][0]:.2f}, {c['recall_ci'][1]:.2f}]"
+                      f"  row norm mean {sum(c['norm_mean']) / len(c['norm_mean']):.3f}  max {max(c['norm_max']):.3f}"
+                      f"  non-finite {c['nonfinite_in_pool']}")
+    if args.plot:
+        plot_integrity(out, args.plot)
+    summary = {k: v for k, v in out.items() if k != "checkpoints"} | {"plot": args.plot or None}
+    print(json.dumps(summary))
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """`retention` (the default when the first argument is not a command) or `integrity`."""
+    import sys
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["integrity"]:
+        return main_integrity(argv[1:])
+    return main_retention(argv[1:] if argv[:1] == ["retention"] else argv)
 
 
 if __name__ == "__main__":
