@@ -37,7 +37,7 @@ def test_run_bench_returns_every_number():
 
 
 def test_main_prints_json_last_line(capsys):
-    argv = ["--repeats", "1", "--markdown"]
+    argv = ["--repeats", "1", "--markdown", "--inject-rss-chars", "0"]
     for name, value in TINY.items():
         argv += ["--" + name.replace("_", "-"), str(value)]
     bench.main(argv)
@@ -51,3 +51,9 @@ def test_main_prints_json_last_line(capsys):
 def test_authors_repo_is_refused():
     with pytest.raises(NotImplementedError):
         bench.run_bench(repeats=1, authors_repo="/nonexistent", **TINY)
+
+
+def test_inject_rss_line_measures_a_fresh_process_without_a_graph():
+    r = bench.inject_rss(chars=3000, threads=1)
+    assert r["inject_long_updates"] >= 1 and r["inject_long_pool_has_graph"] is False
+    assert r["inject_long_peak_rss_mb"] > 0 and r["inject_long_rss_growth_mb"] >= 0

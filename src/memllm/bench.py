@@ -15,6 +15,10 @@ attention, 2 torch threads. Measured, as medians over ``repeats`` runs after one
 The authors' medians for the same two measurements on this machine class (given to us, not
 re-measured here: their code does not run on transformers 5) are printed side by side.
 
+Also measured, in a fresh process: the peak resident memory of injecting a long text (default
+200,000 characters) into the shipped ``tiny-memoryllm`` (``inject_long_rss_growth_mb``: peak after
+minus peak before the injection). An injection that kept its autograd graph grew by ~4.3 GB here.
+
 Run ``python -m memllm.bench``; the last printed line is one JSON object with every number.
 """
 
@@ -277,12 +281,45 @@ def markdown_table(result: dict) -> str:
     return "\n".join(lines)
 
 
+_RSS_SCRIPT = """
+import json, resource, sys
+import memllm
+model = memllm.load("tiny-memoryllm")
+memory = model.new_memory()
+text = ("Hasel Kordor was born in Jastead and works at Zenlytics as a journalist. " * 10_000)[: int(sys.argv[1])]
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+updates = model.inject(memory, text)
+after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(json.dumps({"updates": updates, "before_kb": before, "after_kb": after,
+                  "graph": memory.pool.grad_fn is not None or memory.pool.requires_grad}))
+"""
+
+
+def inject_rss(chars: int = 200_000, threads: int = 2) -> dict:
+    """Peak RSS of injecting `chars` characters into tiny-memoryllm, in a fresh process (peak RSS is
+    per process, so the measurement needs its own)."""
+    import subprocess
+
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    t0 = time.perf_counter()
+    out = subprocess.run([sys.executable, "-c", _RSS_SCRIPT, str(chars)], capture_output=True, text=True,
+                         env=env, check=True)
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    return {"inject_long_chars": chars, "inject_long_updates": r["updates"],
+            "inject_long_s": round(time.perf_counter() - t0, 2),
+            "inject_long_peak_rss_mb": round(r["after_kb"] / 1024, 1),
+            "inject_long_rss_growth_mb": round((r["after_kb"] - r["before_kb"]) / 1024, 1),
+            "inject_long_pool_has_graph": r["graph"]}
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m memllm.bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--markdown", action="store_true", help="also print the table as Markdown")
+    p.add_argument("--inject-rss-chars", type=int, default=200_000,
+                   help="characters injected into tiny-memoryllm for the peak-RSS line (0: skip)")
     for name, default in asdict(BenchConfig()).items():
         p.add_argument("--" + name.replace("_", "-"), type=int, default=default)
     return p
@@ -291,7 +328,12 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> dict:
     args = vars(_parser().parse_args(argv))
     markdown = args.pop("markdown")
+    rss_chars = args.pop("inject_rss_chars")
     result = run_bench(args.pop("repeats"), args.pop("threads"), args.pop("seed"), **args)
+    if rss_chars:
+        result.update(inject_rss(rss_chars, result["threads"]))
+        print(f"injecting {rss_chars:,} characters into tiny-memoryllm: peak RSS {result['inject_long_peak_rss_mb']} MB "
+              f"(+{result['inject_long_rss_growth_mb']} MB during the injection, {result['inject_long_updates']} updates)")
     print_table(result)
     if markdown:
         print(markdown_table(result))
