@@ -71,8 +71,9 @@ def run_demo(console: Console, workdir: Path | None = None) -> dict:
     K, N = models["memoryllm"].config.num_tokens, models["memoryllm"].config.num_memory_tokens
     params = sum(p.numel() for p in models["memoryllm"].parameters()) / 1e6
     console.print(Panel(
-        f"Two tiny memory models trained by this project on CPU ({params:.1f}M parameters, {len(models['memoryllm'].layers)} "
-        f"layers; memory of {N} vectors per layer, {K} written per text: {N // K} texts fit in short-term memory).\n"
+        f"Two tiny memory models trained by this project on CPU ({params:.1f}M parameters, "
+        f"{len(models['memoryllm'].layers)} layers; memory of {N} vectors per layer, {K} written per text: "
+        f"{N // K} texts fit in short-term memory).\n"
         "The people below are invented and were never seen in training: what the models know about them "
         "comes from their memory.", title="memllm demo", border_style="cyan"))
 
@@ -131,7 +132,8 @@ def run_demo(console: Console, workdir: Path | None = None) -> dict:
     console.print(f"right answers about the {len(people)} people ({known} questions): no memory {result['floor']}; "
                   f"MemoryLLM {result['memoryllm']} then {result['memoryllm_after']} after {n} distractors; M+ "
                   f"{result['mplus']} then {result['mplus_after']}. The stranger: MemoryLLM said {ABSTAIN!r} "
-                  f"{result['memoryllm_abstained']} of {result['stranger_questions']} times, M+ {result['mplus_abstained']}. "
+                  f"{result['memoryllm_abstained']} of {result['stranger_questions']} times, "
+                  f"M+ {result['mplus_abstained']}. "
                   "Full measurements: `memllm eval retention`.")
     if tmp is not None:
         tmp.cleanup()

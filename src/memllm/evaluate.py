@@ -279,7 +279,8 @@ class Provenance:
         return [known.get(key, -1) for key in _row_keys(rows)]
 
 
-def retrieval_precision(model, memory, prompts: list[str], owners: list[int], provenance: Provenance) -> tuple[int, int, float]:
+def retrieval_precision(model, memory, prompts: list[str], owners: list[int],
+                        provenance: Provenance) -> tuple[int, int, float]:
     """For M+ questions whose asked person was written by injection owners[i]: (retrieved long-term
     rows written by that injection, rows retrieved, expected hits of a retriever that ignores the
     question: per question and layer, that injection's share of the long-term rows times R)."""
@@ -579,7 +580,8 @@ def print_lookup(lookups: dict[str, dict]) -> None:
                 table.add_column(col, justify="right" if col != "per position" else "left")
             for k, cell in r["people"].items():
                 per = " ".join(f"{p['acc']:.2f}" for p in cell["positions"])
-                table.add_row(str(k), str(cell["all"]["n"]), _pct(cell["all"]), _rate(cell["all"]["other_value_rate"]), per)
+                everyone = cell["all"]
+                table.add_row(str(k), str(everyone["n"]), _pct(everyone), _rate(everyone["other_value_rate"]), per)
             console.print(table)
             for k, cell in r["people"].items():
                 if (cell.get("retrieval") or {}).get("precision") is not None:
@@ -599,11 +601,12 @@ def print_lookup(lookups: dict[str, dict]) -> None:
                 table.add_row(label, str(cell["n"]), _pct(cell), _rate(cell["other_value_rate"]))
             console.print(table)
         if "heldout" in r:
-            s = lookup_summary(name, r)
-            console.print(f"{name}: held-out / trained question templates: {_rate(s[f'{name}_heldout_template_ratio'])}")
+            ratio = lookup_summary(name, r)[f"{name}_heldout_template_ratio"]
+            console.print(f"{name}: held-out / trained question templates: {_rate(ratio)}")
         if "strangers" in r:
             s = r["strangers"]
-            console.print(f"{name}: strangers (never written into a memory of {STRANGER_K} people), {s['n']} questions: "
+            console.print(f"{name}: strangers (never written into a memory of {STRANGER_K} people), "
+                          f"{s['n']} questions: "
                           f"abstained ({ABSTAIN!r}) {_rate(s['abstain_rate'])}, answered with a stored person's value "
                           f"{_rate(s['other_value_rate'])}")
 
@@ -683,7 +686,8 @@ def plot_all(results: dict[str, dict], lookups: dict[str, dict], path: str | Pat
         ("held-out templates", lambda r: (r.get("heldout") or {}).get("acc")),
         ("UPPER-CASE name", lambda r: (r.get("upper") or {}).get("acc")),
     ], f"strangers and wording ({STRANGER_K} people per memory)", colors)
-    mplus = {n: r for n, r in lookups.items() if "one_then" in r or any(c.get("retrieval") for c in r.get("people", {}).values())}
+    mplus = {n: r for n, r in lookups.items()
+             if "one_then" in r or any(c.get("retrieval") for c in r.get("people", {}).values())}
     if mplus:
         def retrieval(r: dict, key: str) -> float | None:
             cells = [c["retrieval"] for c in r.get("people", {}).values() if c.get("retrieval")]
@@ -794,6 +798,7 @@ def integrity_summary(r: dict[str, Any]) -> dict[str, Any]:
         "recall_start": first["recall"], "recall_end": last["recall"],
         "recall_drop": (first["recall"] - last["recall"]) if first["recall"] is not None else None,
         "recall_min": min(c["recall"] for c in r["checkpoints"]),
+        "recall_curve": {c["update"]: c["recall"] for c in r["checkpoints"]},
         "norm_mean_start": sum(first["norm_mean"]) / len(first["norm_mean"]),
         "norm_mean_end": sum(last["norm_mean"]) / len(last["norm_mean"]),
         "norm_max": max(max(c["norm_max"]) for c in r["checkpoints"]),
@@ -811,7 +816,8 @@ def plot_integrity(r: dict[str, Any], path: str | Path) -> None:
     fig, (ax_norm, ax_recall) = plt.subplots(1, 2, figsize=(11, 4))
     for l in range(len(r["checkpoints"][0]["norm_mean"])):
         line = ax_norm.plot(xs, [c["norm_mean"][l] for c in r["checkpoints"]], marker=".", label=f"layer {l} mean")
-        ax_norm.plot(xs, [c["norm_max"][l] for c in r["checkpoints"]], ":", color=line[0].get_color(), label=f"layer {l} max")
+        ax_norm.plot(xs, [c["norm_max"][l] for c in r["checkpoints"]], ":", color=line[0].get_color(),
+                     label=f"layer {l} max")
     ax_norm.set(xscale="log", xlabel="updates (0 at 0.5)", ylabel="memory row norm", title="pool row norms")
     ax_norm.legend(fontsize=7)
     _errorbar(ax_recall, xs, [{"acc": c["recall"], "ci": c["recall_ci"]} for c in r["checkpoints"]])
@@ -841,7 +847,7 @@ def _ints(text: str) -> tuple[int, ...]:
 
 def main_retention(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(prog="memllm eval retention",
-                                     description="Retention and lookup panels of memllm checkpoints on a synthetic world.")
+                                     description="Retention and lookup panels of memllm checkpoints.")
     parser.add_argument("checkpoints", nargs="*", default=["tiny-memoryllm", "tiny-mplus"],
                         help="checkpoint dirs or shipped names (named by their config kind); default: the "
                              "shipped tiny MemoryLLM and M+ models")
@@ -901,7 +907,8 @@ def main_integrity(argv: list[str] | None = None) -> dict:
                         recall_people=args.recall_people, seed=args.seed, progress=bar)
     console = Console(width=120)
     for c in out["checkpoints"]:
-        console.print(f"update {c['update']:>8}: recall {c['recall']:.3f} [{c['recall_ci'][0]:.2f}, {c['recall_ci'][1]:.2f}]"
+        lo, hi = c["recall_ci"]
+        console.print(f"update {c['update']:>8}: recall {c['recall']:.3f} [{lo:.2f}, {hi:.2f}]"
                       f"  row norm mean {sum(c['norm_mean']) / len(c['norm_mean']):.3f}  max {max(c['norm_max']):.3f}"
                       f"  non-finite {c['nonfinite_in_pool']}")
     if args.plot:
