@@ -27,16 +27,12 @@ from rich.panel import Panel
 from rich.table import Table
 
 import memllm
-from memllm.evaluate import first_word, world_for
+from memllm.evaluate import answer_words, world_for
 from memllm.inject import RandomDrop
 from memllm.world import ABSTAIN
 
 NAMES = {"memoryllm": "tiny-memoryllm", "mplus": "tiny-mplus"}
 PEOPLE, SEED = 5, 7
-
-
-def _answers(model, memory, prompts: list[str]) -> list[str]:
-    return [first_word(a) for a in model.ask(memory, prompts, max_new_tokens=3, chat=False)]
 
 
 def _table(console: Console, title: str, prompts: list[str], truth: list[str], owners: dict[tuple[int, str], str],
@@ -97,14 +93,14 @@ def run_demo(console: Console, workdir: Path | None = None) -> dict:
             m.inject(memories[k], bio, drop=drop)
     console.print(f"and ask about each of them, and about {stranger.name}, who was never written into the memory "
                   f"(the right answer: {ABSTAIN!r}).")
-    floor = _answers(models["memoryllm"], models["memoryllm"].new_memory(), prompts)
-    now = {k: _answers(m, memories[k], prompts) for k, m in models.items()}
+    floor = answer_words(models["memoryllm"], models["memoryllm"].new_memory(), prompts)
+    now = {k: answer_words(m, memories[k], prompts) for k, m in models.items()}
     _table(console, "after reading the biographies", prompts, truth, owners,
            {"no memory": floor, "MemoryLLM": now["memoryllm"], "M+": now["mplus"]})
 
     path = memories["memoryllm"].save(workdir / "people.mem")
     reloaded = models["memoryllm"].load_memory(str(path))
-    identical = _answers(models["memoryllm"], reloaded, prompts) == now["memoryllm"]
+    identical = answer_words(models["memoryllm"], reloaded, prompts) == now["memoryllm"]
     console.print(f"MemoryLLM's memory saved to {path.name} ({path.stat().st_size / 1e6:.1f} MB) and reloaded: "
                   f"answers identical = [bold]{identical}[/]")
 
@@ -115,7 +111,7 @@ def run_demo(console: Console, workdir: Path | None = None) -> dict:
         text = world.distractor(rng)
         for k, m in models.items():
             m.inject(memories[k], text, drop=drop)
-    later = {k: _answers(m, memories[k], prompts) for k, m in models.items()}
+    later = {k: answer_words(m, memories[k], prompts) for k, m in models.items()}
     _table(console, f"after {n} distractors", prompts, truth, owners,
            {"MemoryLLM": later["memoryllm"], "M+": later["mplus"]})
 

@@ -100,16 +100,12 @@ def world_for(checkpoint: str | Path, world_seed: int = 0) -> World:
     return World(WorldConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()}))
 
 
-def _ask(model, memory, prompts: list[str], max_new_tokens: int) -> list[str]:
-    with torch.no_grad():
-        return model.ask(memory, prompts, max_new_tokens=max_new_tokens, chat=False)
-
-
-def _answers(model, memory, prompts: list[str], max_new_tokens: int) -> list[str]:
-    """First answer word of every prompt (asked in batches of ASK_BATCH)."""
+def answer_words(model, memory, prompts: list[str], max_new_tokens: int = 3) -> list[str]:
+    """First answer word of every prompt (greedy, asked in batches of ASK_BATCH; `ask` builds no graph)."""
     out: list[str] = []
     for i in range(0, len(prompts), ASK_BATCH):
-        out += [first_word(a) for a in _ask(model, memory, prompts[i:i + ASK_BATCH], max_new_tokens)]
+        answers = model.ask(memory, prompts[i:i + ASK_BATCH], max_new_tokens=max_new_tokens, chat=False)
+        out += [first_word(a) for a in answers]
     return out
 
 
@@ -191,8 +187,8 @@ def retention(
             answers = [a.strip() for _, a in questions]
             total += len(questions)
 
-            floor_answers = _ask(model, model.new_memory(), prompts, max_new_tokens)
-            floor_correct += sum(first_word(p) == a for p, a in zip(floor_answers, answers))
+            floor_answers = answer_words(model, model.new_memory(), prompts, max_new_tokens)
+            floor_correct += sum(p == a for p, a in zip(floor_answers, answers))
 
             memory = model.new_memory()
             model.inject(memory, world.biography(person, rng), drop=drop)
@@ -201,8 +197,8 @@ def retention(
                 while done < n:
                     model.inject(memory, world.distractor(rng), drop=drop)
                     done += 1
-                predicted = _ask(model, memory, prompts, max_new_tokens)
-                correct[n] += sum(first_word(p) == a for p, a in zip(predicted, answers))
+                predicted = answer_words(model, memory, prompts, max_new_tokens)
+                correct[n] += sum(p == a for p, a in zip(predicted, answers))
             tick()
     acc = {n: correct[n] / total for n in counts}
     return {
@@ -360,7 +356,7 @@ def people_in_memory(
                 for a in world.attributes:
                     prompt, truth = world.question(person, a, rng, stranger=True)
                     asked.append(("strangers", -1, prompt, truth.strip(), stored[a]))
-            answers = _answers(model, memory, [q[2] for q in asked], max_new_tokens)
+            answers = answer_words(model, memory, [q[2] for q in asked], max_new_tokens)
             for (cell, i, _, truth, rest), answer in zip(asked, answers):
                 (positions[i] if cell == "train" else cells[cell]).add(answer, truth, rest)
             if provenance is not None and any(layer.num_ltm for layer in memory.ltm.layers):
@@ -409,7 +405,7 @@ def recall_among(
             for text in texts:
                 model.inject(memory, text, drop=drop)
             questions = [world.question(person, a, rng) for a in world.attributes]
-            answers = _answers(model, memory, [q for q, _ in questions], max_new_tokens)
+            answers = answer_words(model, memory, [q for q, _ in questions], max_new_tokens)
             for a, (_, truth), answer in zip(world.attributes, questions, answers):
                 tally.add(answer, truth.strip(), {p.attrs[a] for p in rest})
             tick()
@@ -783,7 +779,7 @@ def _integrity_checkpoint(model, memory, done: int, bios: list[str], questions: 
     for bio, asked in zip(bios, questions):
         fork = memory.fork()
         model.inject(fork, bio, drop=drop)
-        for answer, (_, truth) in zip(_answers(model, fork, [q for q, _ in asked], max_new_tokens), asked):
+        for answer, (_, truth) in zip(answer_words(model, fork, [q for q, _ in asked], max_new_tokens), asked):
             tally.add(answer, truth.strip())
     cell = tally.as_dict()
     return {"update": done, "norm_mean": norms.mean(1).tolist(), "norm_max": norms.amax(1).tolist(),
