@@ -1,4 +1,4 @@
-"""`memllm.bench` on a tiny configuration: the result has every number, main() ends with a JSON line.
+"""`memllm.bench.inference` on a tiny configuration: the result has every number, main() ends with a JSON line.
 
 No timing assertions: these machines are shared and slow, the full benchmark is run by hand.
 """
@@ -10,7 +10,7 @@ import json
 import pytest
 import torch
 
-from memllm import bench
+from memllm.bench import inference as bench
 
 TINY = {
     "hidden_size": 64, "num_layers": 2, "num_heads": 4, "num_kv_heads": 2, "intermediate_size": 128, "vocab_size": 256,

@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 import memllm
 from memllm.cli import app
-from memllm.tiny import random_model
+from memllm.core.tiny import random_model
 
 runner = CliRunner()
 
@@ -94,7 +94,7 @@ def test_shipped_models_load_by_name_and_eval_retention_defaults_to_them(tmp_pat
 
 
 def test_a_missing_shipped_model_is_a_clear_error(monkeypatch, tmp_path: Path) -> None:
-    from memllm import checkpoint
+    from memllm.core import checkpoint
 
     monkeypatch.setattr(checkpoint, "__file__", str(tmp_path / "checkpoint.py"))
     with pytest.raises(memllm.CheckpointError, match="tiny-mplus is not in this installation"):

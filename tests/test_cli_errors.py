@@ -48,7 +48,7 @@ def no_model_load(monkeypatch):
     def load(*args, **kwargs):
         raise AssertionError("the model was loaded before the input was checked")
 
-    monkeypatch.setattr("memllm.checkpoint.load", load)
+    monkeypatch.setattr("memllm.core.checkpoint.load", load)
 
 
 def run(*args: str, input: str | bytes | None = None):
@@ -178,7 +178,7 @@ def test_a_failed_save_is_one_line_and_keeps_the_old_memory(mem: Path, monkeypat
     def failing_write(*args, **kwargs):
         raise fault
 
-    monkeypatch.setattr("memllm.memory.save_file", failing_write)
+    monkeypatch.setattr("memllm.core.memory.save_file", failing_write)
     assert_one_line_error(run("inject", TEXT, "-m", MODEL, "--memory", str(mem)), why)
     assert mem.read_bytes() == before
 
@@ -236,7 +236,7 @@ def test_chat_writes_into_what_other_commands_saved_meanwhile(tiny, mem: Path, m
 
 WORKER = """
 import sys, time, pathlib
-import memllm.model  # torch and transformers imported before the start line, so the injections race
+import memllm.core.model  # torch and transformers imported before the start line, so the injections race
 from memllm.cli import app
 folder, name, rounds = pathlib.Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])
 for r in range(rounds):

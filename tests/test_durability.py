@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from memllm.ltm import LongTermMemory, LTMConfig, LTMLayer
-from memllm.memory import Memory, MemoryFileError, MemoryLockedError, lock
+from memllm.core.ltm import LongTermMemory, LTMConfig, LTMLayer
+from memllm.core.memory import Memory, MemoryFileError, MemoryLockedError, lock
 
 SHARD_BYTES = 64 << 10  # small, so a memory of a few hundred KB is sharded
 SAVER_ROWS = 1500  # the concurrent saver's long-term memory: about 160 KB a layer
@@ -320,7 +320,7 @@ def test_write_errors_become_one_line_messages_and_keep_the_old_version(tmp_path
 
         save_file(tensors, filename, metadata=metadata)
 
-    monkeypatch.setattr("memllm.memory.save_file", failing)
+    monkeypatch.setattr("memllm.core.memory.save_file", failing)
     with pytest.raises(MemoryFileError, match=rf"^cannot save memory .*m\.mem: {os.strerror(code)}") as e:
         mplus_memory(seed=1).save(path, shard_bytes=SHARD_BYTES)
     assert "\n" not in str(e.value)
@@ -394,7 +394,7 @@ def test_version_1_files_still_load(tmp_path: Path) -> None:
     """Format 1 (memllm before issue 10): the checksum covered the tensors only."""
     from safetensors.torch import save_file
 
-    from memllm.memory import _checksum
+    from memllm.core.memory import _checksum
 
     memory = mplus_memory()
     tensors = {k: v.contiguous() for k, v in memory.tensors().items()}

@@ -18,9 +18,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from memllm import evaluate
-from memllm.tiny import random_model
-from memllm.world import _HELDOUT_QUESTIONS, _QUESTIONS, ABSTAIN, World, WorldConfig
+from memllm.eval import retention as evaluate
+from memllm.core.tiny import random_model
+from memllm.synthetic.world import _HELDOUT_QUESTIONS, _QUESTIONS, ABSTAIN, World, WorldConfig
 
 WORLD = World(WorldConfig(first_name_syllables=(1, 1), last_name_syllables=(1, 2)))
 BIO = re.compile(r"^([A-Z][a-z]+ [A-Z][a-z]+)[:.]")
@@ -220,7 +220,7 @@ def test_retrieval_precision_matches_a_direct_comparison_of_rows(mplus):
     """Hits counted by row bytes equal hits counted with torch.equal against each injection's rows."""
     import random
 
-    from memllm.generate import encode_prompt
+    from memllm.core.generate import encode_prompt
 
     rng = random.Random(1)
     memory, provenance = mplus.new_memory(), evaluate.Provenance()
@@ -259,7 +259,7 @@ def test_people_in_memory_reports_m_plus_retrieval_precision(mplus):
 
 
 def test_a_checkpoint_is_evaluated_on_the_world_its_recipe_names(tmp_path):
-    from memllm.checkpoint import save
+    from memllm.core.checkpoint import save
 
     path = save(random_model(), tmp_path / "ckpt")
     assert evaluate.world_for(path, world_seed=3).config == WorldConfig(seed=3)
@@ -300,7 +300,7 @@ def test_integrity_counts_non_finite_rows_and_measures_recall():
 def test_eval_integrity_command_ends_with_json(tmp_path):
     from typer.testing import CliRunner
 
-    from memllm.checkpoint import save
+    from memllm.core.checkpoint import save
     from memllm.cli import app
 
     path = save(random_model(), tmp_path / "ckpt")

@@ -8,9 +8,9 @@ import math
 import pytest
 import torch
 
-from memllm import evaluate
-from memllm.tiny import random_model
-from memllm.world import World
+from memllm.eval import retention as evaluate
+from memllm.core.tiny import random_model
+from memllm.synthetic.world import World
 
 
 def test_wilson():
@@ -77,7 +77,7 @@ def test_compare_two_models_table_plot_and_gain(models, tmp_path, capsys):
 
 
 def test_main_on_a_saved_checkpoint(models, tmp_path, capsys):
-    from memllm.checkpoint import save
+    from memllm.core.checkpoint import save
 
     path = save(models["memoryllm"], tmp_path / "ckpt")
     out = evaluate.main([str(path), "--n-people", "1", "--counts", "0", "--ks", "2", "--before", "1",
@@ -93,7 +93,7 @@ def test_retention_of_the_shipped_model_does_not_depend_on_the_global_rng():
     """The memory drops are seeded by the evaluation's seed: a rerun of the documented command gives
     the same table whatever else drew random numbers before."""
     import memllm
-    from memllm.world import WorldConfig
+    from memllm.synthetic.world import WorldConfig
 
     model, world = memllm.load("tiny-memoryllm"), World(WorldConfig(seed=0))
     runs = []

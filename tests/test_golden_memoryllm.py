@@ -17,7 +17,7 @@ from conftest import (
 )
 
 import memllm
-from memllm.inject import RecordedDrop, delta_memory, update
+from memllm.core.inject import RecordedDrop, delta_memory, update
 
 FAMILIES = golden_families("memoryllm")
 pytestmark = pytest.mark.skipif(not FAMILIES, reason="no MemoryLLM golden vectors found")

@@ -19,7 +19,7 @@ from conftest import (
 )
 
 import memllm
-from memllm.inject import RecordedDrop, delta_memory, update
+from memllm.core.inject import RecordedDrop, delta_memory, update
 
 FAMILIES = golden_families("mplus")
 pytestmark = pytest.mark.skipif(not FAMILIES, reason="no M+ golden vectors found")

@@ -11,8 +11,8 @@ from conftest import GOLDEN_DIR, golden_families
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from memllm.bench_ltm import SyntheticSpec, synthetic_keys_queries
-from memllm.ltm import (
+from memllm.bench.ltm import SyntheticSpec, synthetic_keys_queries
+from memllm.core.ltm import (
     LongTermMemory,
     LTMConfig,
     LTMIndex,

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from memllm import Memory, MemoryFileError, MemoryMismatchError
-from memllm.inject import RandomDrop
-from memllm.tiny import random_model
+from memllm.core.inject import RandomDrop
+from memllm.core.tiny import random_model
 
 TEXT = "The lighthouse keeper on Velmora island paints every door of his house a different shade of green."
 
@@ -103,7 +103,7 @@ def test_failed_write_leaves_previous_version_intact(model, tmp_path: Path, monk
     def crash(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr("memllm.memory.save_file", crash)
+    monkeypatch.setattr("memllm.core.memory.save_file", crash)
     with pytest.raises(MemoryFileError, match="disk full"):
         changed.save(path)
     assert path.read_bytes() == before

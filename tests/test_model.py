@@ -10,8 +10,8 @@ import torch
 
 import memllm
 from memllm import CheckpointError
-from memllm.inject import delta_memory
-from memllm.tiny import random_model
+from memllm.core.inject import delta_memory
+from memllm.core.tiny import random_model
 
 
 @pytest.fixture(scope="module")

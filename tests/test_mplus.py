@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from memllm.tiny import random_model
+from memllm.core.tiny import random_model
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +89,7 @@ def _rss_mb() -> float:
 
 
 def test_ltm_of_1_5m_vectors_per_layer_saves_sharded_loads_mapped_and_answers(tmp_path: Path) -> None:
-    from memllm.ltm import LongTermMemory, LTMLayer
+    from memllm.core.ltm import LongTermMemory, LTMLayer
 
     model = random_model(kind="mplus", hidden_size=16, num_heads=2, num_kv_heads=1, intermediate_size=32,
                          num_blocks=6, num_ltm_blocks=2, seed=6)
@@ -143,9 +143,9 @@ def test_training_ltm_reads_like_inference() -> None:
     """forward_pools with a RowLTM (training) gives the logits of model(..., memory) (inference) after the
     same injections and drops: the long-term memory is read the same way in training and at inference
     (merge every update, no decay)."""
-    from memllm.inject import RecordedDrop, delta_memory
-    from memllm.mplus import RowLTM, drop_to_ltm, ltm_config
-    from memllm.train import write
+    from memllm.core.inject import RecordedDrop, delta_memory
+    from memllm.core.mplus import RowLTM, drop_to_ltm, ltm_config
+    from memllm.train.trainer import write
 
     model = random_model(kind="mplus", num_blocks=6, num_ltm_blocks=2, seed=5).eval()
     model.config.update_ltm_frequency, model.config.decay_frequency = 1, 0.0

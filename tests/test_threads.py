@@ -11,8 +11,8 @@ import pytest
 import torch
 
 import memllm
-from memllm.inject import RandomDrop
-from memllm.tiny import random_model
+from memllm.core.inject import RandomDrop
+from memllm.core.tiny import random_model
 
 ROUNDS = 4
 

@@ -9,10 +9,10 @@ from functools import cache
 import pytest
 import torch
 
-from memllm import tinymodel as tm
-from memllm.inject import delta_memory
-from memllm.train import write
-from memllm.world import ABSTAIN
+from memllm.recipes import tiny as tm
+from memllm.core.inject import delta_memory
+from memllm.train.trainer import write
+from memllm.synthetic.world import ABSTAIN
 
 SMALL = {"hidden_size": 32, "num_layers": 2, "num_heads": 2, "intermediate_size": 64, "num_tokens": 32,
          "stm_blocks": 3, "ltm_blocks": 1, "stage1_people": 50, "stage1_batch": 8, "batch": 4,
@@ -148,7 +148,7 @@ def _weights(path):
 
 
 def test_rerun_with_the_same_seed_and_steps_is_bit_identical(tmp_path):
-    from memllm.checkpoint import load
+    from memllm.core.checkpoint import load
 
     recipe = tm.Recipe(stage1_steps=12, stage2_steps=4, stage3_steps=2, eval_every=100, **SMALL)
     first = tm.run(recipe, tmp_path / "a")

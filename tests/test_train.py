@@ -1,4 +1,4 @@
-"""memllm.train: objectives, resume, checkpoint round trip, two-process DDP, a loss that drops."""
+"""memllm.train.trainer: objectives, resume, checkpoint round trip, two-process DDP, a loss that drops."""
 
 from __future__ import annotations
 
@@ -16,10 +16,10 @@ from conftest import distinct_documents
 from safetensors.torch import load_file
 
 import memllm
-from memllm import checkpoint
-from memllm.data import TokenCorpus, read_documents
-from memllm.tiny import random_model
-from memllm.train import (
+from memllm.core import checkpoint
+from memllm.train.data import TokenCorpus, read_documents
+from memllm.core.tiny import random_model
+from memllm.train.trainer import (
     MemoryTraining,
     TrainConfig,
     kept_rows,
@@ -164,14 +164,14 @@ def test_train_accelerate_two_processes(setup, kind):
     accelerate = str(Path(sys.executable).with_name("accelerate"))
     two = subprocess.run(
         [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-         "--dynamo_backend", "no", "-m", "memllm.train", *common, "--out", str(tmp / f"ddp_{kind}"), "--batch-size", "2"],
+         "--dynamo_backend", "no", "-m", "memllm.train.trainer", *common, "--out", str(tmp / f"ddp_{kind}"), "--batch-size", "2"],
         check=False, env=env, capture_output=True, text=True, timeout=240,
     )
     assert two.returncode == 0, two.stderr[-3000:]
     cfg = TrainConfig(model="", data=[], out="", seed=5, new_knowledge=1, continuous=1, forgetting=1, plain_lm=1)
     assert {objective_at(cfg, m) for m in range(4)} == {"new_knowledge", "continuous", "forgetting", "plain_lm"}
     one = subprocess.run(
-        [sys.executable, "-m", "memllm.train", *common, "--out", str(tmp / f"single_{kind}"), "--batch-size", "4"],
+        [sys.executable, "-m", "memllm.train.trainer", *common, "--out", str(tmp / f"single_{kind}"), "--batch-size", "4"],
         check=False, env=env, capture_output=True, text=True, timeout=240,
     )
     assert one.returncode == 0, one.stderr[-3000:]
@@ -235,7 +235,7 @@ def test_train_reads_a_datasets_source_streamed(setup, tmp_path, monkeypatch):
 def test_train_sharded_save_path_rebuilds_the_trained_model(setup):
     """FSDP / DeepSpeed save through `model_from_state` (accelerate refuses FSDP on CPU, so the gathered
     state is simulated here with MemoryTraining's own state dict): the rebuilt model equals the trained one."""
-    from memllm.train import model_from_state
+    from memllm.train.trainer import model_from_state
 
     trained_model = memllm.load(setup["ckpt"])
     with torch.no_grad():
@@ -253,7 +253,7 @@ def test_train_sharded_save_path_rebuilds_the_trained_model(setup):
 def test_train_every_option_has_help():
     import argparse
 
-    from memllm.train import add_arguments
+    from memllm.train.trainer import add_arguments
 
     parser = argparse.ArgumentParser()
     add_arguments(parser)

@@ -1,4 +1,4 @@
-"""memllm.train on M+: the retriever loss, its metrics, document tracking, the checkpoint round trip."""
+"""memllm.train.trainer on M+: the retriever loss, its metrics, document tracking, the checkpoint round trip."""
 
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ import torch
 from conftest import distinct_documents
 
 import memllm
-from memllm import checkpoint
-from memllm.inject import RandomDrop
-from memllm.tiny import random_model
-from memllm.train import (
+from memllm.core import checkpoint
+from memllm.core.inject import RandomDrop
+from memllm.core.tiny import random_model
+from memllm.train.trainer import (
     RETRIEVER_PROJECTORS,
     TrainConfig,
     dropped_rows,
@@ -143,8 +143,8 @@ def test_train_mplus_prediction_reads_the_long_term_memory():
     """MemoryTraining with a RowLTM: every dropped row joins it (capped at ltm_rows, newest kept), the
     prediction retrieves from it (its loss differs from the masked read) and the retriever's candidates
     include it."""
-    from memllm.mplus import RowLTM
-    from memllm.train import MemoryTraining
+    from memllm.core.mplus import RowLTM
+    from memllm.train.trainer import MemoryTraining
 
     model = mplus_model(seed=3)
     B, L, N, K = 2, model.num_layers, model.config.num_memory_tokens, model.config.num_tokens

@@ -9,8 +9,8 @@ import re
 import pytest
 from transformers import AutoTokenizer
 
-from memllm.tokenizer import train_world_tokenizer, value_token_ids
-from memllm.world import ATTRIBUTES, BIO_STYLES, TextSnippets, World, WorldConfig
+from memllm.synthetic.tokenizer import train_world_tokenizer, value_token_ids
+from memllm.synthetic.world import ATTRIBUTES, BIO_STYLES, TextSnippets, World, WorldConfig
 
 ENGLISH = (
     "It was the best of times, it was the worst of times, it was the age of wisdom, it was the "
@@ -164,7 +164,7 @@ def test_tokenizer_roundtrip_through_autotokenizer(world: World, tok, tmp_path) 
 
 
 def test_question_sets_casings_and_strangers():
-    from memllm.world import _CLAUSES, _HELDOUT_QUESTIONS, _QUESTIONS, ABSTAIN
+    from memllm.synthetic.world import _CLAUSES, _HELDOUT_QUESTIONS, _QUESTIONS, ABSTAIN
 
     world = World(WorldConfig(seed=0))
     person = world.people(1, "train", seed=0)[0]

@@ -13,17 +13,17 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from memllm.checkpoint import CheckpointError, init_from_base, load, save
-    from memllm.config import MemoryConfig
-    from memllm.memory import Memory, MemoryFileError, MemoryMismatchError
-    from memllm.model import MemoryModel
+    from memllm.core.checkpoint import CheckpointError, init_from_base, load, save
+    from memllm.core.config import MemoryConfig
+    from memllm.core.memory import Memory, MemoryFileError, MemoryMismatchError
+    from memllm.core.model import MemoryModel
 
 # Imported on first use (module __getattr__, PEP 562): torch and transformers take seconds to import,
 # and the command line's --help or a memory file's info need neither.
 _EXPORTS = {
-    "CheckpointError": "memllm.checkpoint", "init_from_base": "memllm.checkpoint", "load": "memllm.checkpoint",
-    "save": "memllm.checkpoint", "MemoryConfig": "memllm.config", "Memory": "memllm.memory",
-    "MemoryFileError": "memllm.memory", "MemoryMismatchError": "memllm.memory", "MemoryModel": "memllm.model",
+    "CheckpointError": "memllm.core.checkpoint", "init_from_base": "memllm.core.checkpoint", "load": "memllm.core.checkpoint",
+    "save": "memllm.core.checkpoint", "MemoryConfig": "memllm.core.config", "Memory": "memllm.core.memory",
+    "MemoryFileError": "memllm.core.memory", "MemoryMismatchError": "memllm.core.memory", "MemoryModel": "memllm.core.model",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -96,7 +96,7 @@ def _check_memory_path(path: Path, must_exist: bool = False) -> None:
 @contextmanager
 def _locked(path: Path) -> Iterator[None]:
     """Hold the memory's cross-process lock (waiting, and saying so, while another command holds it)."""
-    from memllm.memory import MemoryFileError, MemoryLockedError, lock
+    from memllm.core.memory import MemoryFileError, MemoryLockedError, lock
 
     with ExitStack() as stack:
         try:
@@ -409,7 +409,7 @@ def init(
 ) -> None:
     """Turn a base model into an (untrained) memory model directory."""
     import memllm
-    from memllm.config import LoraSettings
+    from memllm.core.config import LoraSettings
 
     if kind not in ("memoryllm", "mplus"):
         _fail("--kind must be memoryllm or mplus")
@@ -441,15 +441,15 @@ PASS_THROUGH = {"allow_extra_args": True, "ignore_unknown_options": True, "help_
 @app.command(context_settings=PASS_THROUGH)
 def bench(ctx: typer.Context) -> None:
     """Benchmarks. `memllm bench [OPTIONS]`: core speed (time to first token with the prefix reused vs
-    recomputed, 32 tokens, a 512-token injection; options of `python -m memllm.bench --help`).
+    recomputed, 32 tokens, a 512-token injection; options of `python -m memllm.bench.inference --help`).
     `memllm bench ltm [SIZES]`: long-term memory retrieval, dense scan vs index."""
     args = list(ctx.args)
     if args[:1] == ["ltm"]:
-        from memllm.bench_ltm import main as ltm_main
+        from memllm.bench.ltm import main as ltm_main
 
         ltm_main(args[1:])
     else:
-        from memllm.bench import main as bench_main
+        from memllm.bench.inference import main as bench_main
 
         bench_main(args)
 
@@ -463,7 +463,7 @@ def evaluate(ctx: typer.Context) -> None:
     args = list(ctx.args)
     if args[:1] not in (["retention"], ["integrity"]):
         _fail("usage: memllm eval retention|integrity [CHECKPOINT...] [OPTIONS]")
-    from memllm.evaluate import main as evaluate_main
+    from memllm.eval.retention import main as evaluate_main
 
     evaluate_main(args)
 
@@ -471,8 +471,8 @@ def evaluate(ctx: typer.Context) -> None:
 @app.command(context_settings=PASS_THROUGH)
 def train(ctx: typer.Context) -> None:
     """Train a memory model to use its memory (accelerate-native: run under `accelerate launch` for
-    several processes). Options are those of `python -m memllm.train --help`."""
-    from memllm.train import main as train_main
+    several processes). Options are those of `python -m memllm.train.trainer --help`."""
+    from memllm.train.trainer import main as train_main
 
     train_main(ctx.args)
 

@@ -1,6 +1,6 @@
 """`memllm demo`: the project's own tiny memory models, on a machine with no GPU and no network.
 
-The package ships two ~1M-parameter models trained here from scratch (`python -m memllm.tinymodel`) on
+The package ships two ~1M-parameter models trained here from scratch (`python -m memllm.recipes.tiny`) on
 a synthetic world of invented people: MemoryLLM and M+ (the same model plus a retriever and a
 long-term memory). Nothing about the demo's people is in their weights (they are held out from
 training, and their names and facts are invented): every right answer comes from the memory.
@@ -27,9 +27,9 @@ from rich.panel import Panel
 from rich.table import Table
 
 import memllm
-from memllm.evaluate import answer_words, world_for
-from memllm.inject import RandomDrop
-from memllm.world import ABSTAIN
+from memllm.eval.retention import answer_words, world_for
+from memllm.core.inject import RandomDrop
+from memllm.synthetic.world import ABSTAIN
 
 NAMES = {"memoryllm": "tiny-memoryllm", "mplus": "tiny-mplus"}
 PEOPLE, SEED = 5, 7

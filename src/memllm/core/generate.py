@@ -19,10 +19,10 @@ from typing import TYPE_CHECKING, Iterator
 import torch
 from transformers import TextIteratorStreamer
 
-from memllm.memory import Memory
+from memllm.core.memory import Memory
 
 if TYPE_CHECKING:
-    from memllm.model import MemoryModel
+    from memllm.core.model import MemoryModel
 
 
 def generate(

@@ -86,7 +86,7 @@ class Memory:
 
     pool: [L, N, d] short-term memory pool, one row per memory vector, oldest first.
     stm_ages: [L, N] int64, M+ only: age of each short-term vector.
-    ltm: M+ long-term memory (`memllm.ltm.LongTermMemory`), or None.
+    ltm: M+ long-term memory (`memllm.core.ltm.LongTermMemory`), or None.
     """
 
     pool: torch.Tensor
@@ -248,7 +248,7 @@ class Memory:
             raise MemoryFileError(f"{path} has stm_ages of shape {tuple(ages.shape)}, not {tuple(pool.shape[:2])}")
         ltm = None
         if header.ltm is not None:
-            from memllm.ltm import LongTermMemory
+            from memllm.core.ltm import LongTermMemory
 
             try:
                 ltm = LongTermMemory.from_tensors(tensors, header.ltm)
@@ -310,7 +310,7 @@ def _parse_header(path: Path, meta: dict[str, str]) -> _Header:
         raise bad("num_updates", "expected a non-negative integer")
     ltm = None
     if "ltm" in meta:
-        from memllm.ltm import LTMConfig
+        from memllm.core.ltm import LTMConfig
 
         fields = {f.name: f.type for f in dataclasses.fields(LTMConfig)}
         config = json_field("ltm")

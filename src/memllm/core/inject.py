@@ -21,10 +21,10 @@ from typing import TYPE_CHECKING, Iterator, Protocol
 
 import torch
 
-from memllm.memory import Memory
+from memllm.core.memory import Memory
 
 if TYPE_CHECKING:
-    from memllm.model import MemoryModel
+    from memllm.core.model import MemoryModel
 
 MIN_CONTEXT_TOKENS = 16  # the published models were trained on contexts of at least this many tokens
 
@@ -99,7 +99,7 @@ def delta_memory(
             captured[l] = out[:, -num_new:]
         return hook
 
-    from memllm.model import prefilled_cache
+    from memllm.core.model import prefilled_cache
 
     with model.adapter("encoder"):
         cache = None
@@ -196,7 +196,7 @@ def update(model: "MemoryModel", memory: Memory, delta: torch.Tensor, drop: Drop
     kept = drop(L, N, k, memory.pool.device)
     kept_rows = memory.pool.gather(1, kept.unsqueeze(-1).expand(-1, -1, d))  # [L, N - k, d]
     if memory.ltm is not None:
-        from memllm.mplus import move_dropped_to_ltm
+        from memllm.core.mplus import move_dropped_to_ltm
 
         move_dropped_to_ltm(model, memory, kept, k)
     memory.pool = torch.cat([kept_rows, delta], dim=1)

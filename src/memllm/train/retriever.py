@@ -4,7 +4,7 @@ vectors a prediction needs, its statistics, and the key refresh a trained retrie
 Positives are the memory vectors written by the related context, every other vector a negative; the
 score is the mean over query tokens of sigmoid(query · key); the loss is BCE with the positive and
 negative terms averaged separately. The `encoder_query_proj` is trained the same way on the vectors
-about to be written (see `memllm.train.MemoryTraining`).
+about to be written (see `memllm.train.trainer.MemoryTraining`).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from memllm.model import MemoryModel
+from memllm.core.model import MemoryModel
 
 
 @contextmanager

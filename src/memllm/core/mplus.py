@@ -21,12 +21,12 @@ from typing import TYPE_CHECKING, Iterator
 
 import torch
 
-from memllm.inject import dropped_rows
-from memllm.ltm import LongTermMemory, LTMConfig, Retrieval, order_by_age
-from memllm.memory import Memory
+from memllm.core.inject import dropped_rows
+from memllm.core.ltm import LongTermMemory, LTMConfig, Retrieval, order_by_age
+from memllm.core.memory import Memory
 
 if TYPE_CHECKING:
-    from memllm.model import MemoryModel
+    from memllm.core.model import MemoryModel
 
 
 def ltm_config(model: "MemoryModel") -> LTMConfig:

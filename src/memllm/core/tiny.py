@@ -9,9 +9,9 @@ from __future__ import annotations
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from memllm.checkpoint import initialize_memory_parameters
-from memllm.config import LoraSettings, MemoryConfig
-from memllm.model import MemoryModel
+from memllm.core.checkpoint import initialize_memory_parameters
+from memllm.core.config import LoraSettings, MemoryConfig
+from memllm.core.model import MemoryModel
 
 
 def byte_tokenizer() -> PreTrainedTokenizerFast:

@@ -19,7 +19,7 @@ Also measured, in a fresh process: the peak resident memory of injecting a long 
 200,000 characters) into the shipped ``tiny-memoryllm`` (``inject_long_rss_growth_mb``: peak after
 minus peak before the injection). An injection that kept its autograd graph grew by ~4.3 GB here.
 
-Run ``python -m memllm.bench``; the last printed line is one JSON object with every number.
+Run ``python -m memllm.bench.inference``; the last printed line is one JSON object with every number.
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ class BenchConfig:
 
 def build_model(cfg: BenchConfig, seed: int = 0):
     """A random-weight (seeded) float32 memory model with an initialised memory prefix."""
-    from memllm.tiny import random_model
+    from memllm.core.tiny import random_model
 
     model = random_model(
         num_layers=cfg.num_layers, hidden_size=cfg.hidden_size, num_heads=cfg.num_heads,
@@ -313,7 +313,7 @@ def inject_rss(chars: int = 200_000, threads: int = 2) -> dict:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m memllm.bench", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m memllm.bench.inference", description=__doc__.split("\n\n")[0])
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)

@@ -31,7 +31,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from memllm.ltm_index import SCAN_CHUNK, LTMIndex
+from memllm.core.ltm_index import SCAN_CHUNK, LTMIndex
 
 RetrievalMode = Literal["exact", "index"]
 
@@ -375,7 +375,7 @@ class LongTermMemory:
         """Build an :class:`LTMIndex` for one layer (or all), enabling ``mode="index"``.
 
         ``min_candidates`` defaults to 24·R (measured on the clustered keys of
-        :mod:`memllm.bench_ltm` at 1.5M: mean recall of the exact top R ≈ 0.97-0.98 over 8
+        :mod:`memllm.bench.ltm` at 1.5M: mean recall of the exact top R ≈ 0.97-0.98 over 8
         queries; 16·R gives ≈ 0.95).
         """
         index_kwargs.setdefault("min_candidates", 24 * self.config.retrieval_size)

@@ -2,7 +2,7 @@
 
     memllm eval retention [CHECKPOINT ...] [--n-people 50] [--plot retention.png]
     memllm eval integrity [CHECKPOINT] [--updates 100000] [--plot integrity.png]
-    (= python -m memllm.evaluate [retention|integrity] ...)
+    (= python -m memllm.eval.retention [retention|integrity] ...)
 
 With no checkpoint, `retention` evaluates the shipped tiny models (MemoryLLM and M+) side by side and
 `integrity` the shipped MemoryLLM. Every person asked about is held out from training; every
@@ -22,7 +22,7 @@ every attribute of a person is asked. Accuracies come with 95% Wilson intervals.
   and long-term memory keeps rows unchanged), next to chance (that person's share of long-term rows).
 - ``before``: d distractor texts, then the person's biography, then its questions (d = 1, 4, 8).
 - ``strangers``: in the k = 4 memories, questions about held-out people never written into them:
-  abstention (the answer ``memllm.world.ABSTAIN``) and answers that are a stored person's value.
+  abstention (the answer ``memllm.synthetic.world.ABSTAIN``) and answers that are a stored person's value.
 - ``wording``: the k = 4 memories asked with question templates held out from training, and with the
   name in upper case; ``heldout_template_ratio`` = held-out / trained-template accuracy.
 - ``one_then`` (M+ only): one person, then 96 other people's biographies (12x the short-term capacity
@@ -35,7 +35,7 @@ people (each into a fork of the memory, asked at once), start vs end.
 A checkpoint is evaluated on the world it was trained on: ``recipe.json``'s ``"world"`` when present,
 else ``WorldConfig(seed=--world-seed)``. Any memllm model can be evaluated given such a world:
 ``heldout_people(n, seed)``, ``attributes``, ``biography(person, rng)``, ``question(person, attr, rng,
-phrasings=, casing=, stranger=)`` and ``distractor(rng)`` (``memllm.world.World`` has them all).
+phrasings=, casing=, stranger=)`` and ``distractor(rng)`` (``memllm.synthetic.world.World`` has them all).
 """
 
 from __future__ import annotations
@@ -56,8 +56,8 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from memllm.inject import RandomDrop
-from memllm.world import ABSTAIN, World, WorldConfig
+from memllm.core.inject import RandomDrop
+from memllm.synthetic.world import ABSTAIN, World, WorldConfig
 
 DEFAULT_COUNTS = (0, 1, 2, 4, 8, 16, 24)
 BEFORE = (1, 4, 8)
@@ -91,7 +91,7 @@ def stm_capacity(model) -> tuple[int, int]:
 def world_for(checkpoint: str | Path, world_seed: int = 0) -> World:
     """The world a checkpoint was trained on: recipe.json's "world" (the tiny-model recipe writes
     it), else ``WorldConfig(seed=world_seed)`` (checkpoints from before it did)."""
-    from memllm.checkpoint import resolve
+    from memllm.core.checkpoint import resolve
 
     recipe = resolve(checkpoint) / "recipe.json"
     fields = json.loads(recipe.read_text()).get("world") if recipe.is_file() else None
@@ -280,7 +280,7 @@ def retrieval_precision(model, memory, prompts: list[str], owners: list[int],
     """For M+ questions whose asked person was written by injection owners[i]: (retrieved long-term
     rows written by that injection, rows retrieved, expected hits of a retriever that ignores the
     question: per question and layer, that injection's share of the long-term rows times R)."""
-    from memllm.generate import encode_prompt
+    from memllm.core.generate import encode_prompt
 
     hits = total = 0
     chance = 0.0
@@ -829,7 +829,7 @@ def plot_integrity(r: dict[str, Any], path: str | Path) -> None:
 
 
 def _load(parser: argparse.ArgumentParser, path: str):
-    from memllm.checkpoint import CheckpointError, load
+    from memllm.core.checkpoint import CheckpointError, load
 
     try:
         return load(path)

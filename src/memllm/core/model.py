@@ -17,7 +17,7 @@ One model may serve many threads. Per-call work inside transformers' forward (in
 is a plan the calling thread installs (`layer_hooks`), run by hooks registered once on every layer;
 the active LoRA adapter is switched only while no call uses the other one (`AdapterGate`); the
 tokenizer and the prefix cache are used under locks. The inference calls (`inject`, `generate`, `ask`,
-`stream`) build no autograd graph; `forward`, `forward_pools` and `memllm.inject.delta_memory` keep
+`stream`) build no autograd graph; `forward`, `forward_pools` and `memllm.core.inject.delta_memory` keep
 gradients for training.
 """
 
@@ -38,11 +38,11 @@ from transformers import DynamicCache, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.models.llama.modeling_llama import rotate_half
 
-from memllm.config import MemoryConfig
-from memllm.generate import ask, generate, stream
-from memllm.inject import MIN_CONTEXT_TOKENS, DropPolicy, chunks, delta_memory, update
-from memllm.memory import Memory, MemoryMismatchError
-from memllm.mplus import RowLTM, ltm_is_empty, retrieving, retrieving_rows
+from memllm.core.config import MemoryConfig
+from memllm.core.generate import ask, generate, stream
+from memllm.core.inject import MIN_CONTEXT_TOKENS, DropPolicy, chunks, delta_memory, update
+from memllm.core.memory import Memory, MemoryMismatchError
+from memllm.core.mplus import RowLTM, ltm_is_empty, retrieving, retrieving_rows
 
 ENCODER_ADAPTER = "default"
 DECODER_ADAPTER = "decoder_adapter"
@@ -380,7 +380,7 @@ class MemoryModel(nn.Module):
         """Per-layer (k, v) [1, kv_heads, P, head_dim] of the memory prefix, and P.
 
         MemoryLLM: [bos_l ; memory_l], P = N + 1. M+: [bos_l ; R placeholders ; STM_l], P = 1 + R + N,
-        the placeholders being filled by retrieval inside the forward pass (`memllm.mplus`).
+        the placeholders being filled by retrieval inside the forward pass (`memllm.core.mplus`).
         Computed once per memory state when no gradient is needed (the main speed lever: the prefix
         of N vectors per layer would otherwise be projected again for every question).
         """
@@ -624,7 +624,7 @@ class MemoryModel(nn.Module):
         return ids.to(self.device)
 
     def generate(self, memory: Memory, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kw):
-        """transformers' `generate` read against a memory; see `memllm.generate.generate`."""
+        """transformers' `generate` read against a memory; see `memllm.core.generate.generate`."""
         return generate(self, memory, input_ids, attention_mask, **kw)
 
     def ask(self, memory: Memory, question: "str | list[str]", max_new_tokens: int = 32, **kw) -> "str | list[str]":

@@ -1,9 +1,9 @@
 """Our own tiny memory models, trained from scratch on CPU: the seeded recipe.
 
-    python -m memllm.tinymodel --out DIR                      # both: DIR/memoryllm, then DIR/mplus
-    python -m memllm.tinymodel --out DIR --kind memoryllm     # stages 1-2 only
-    python -m memllm.tinymodel --out DIR --kind mplus --init MEMORYLLM_DIR   # stage 3 only
-    python -m memllm.tinymodel --out DIR --kind memoryllm --init MEMORYLLM_DIR --stage2-steps S  # more stage 2
+    python -m memllm.recipes.tiny --out DIR                      # both: DIR/memoryllm, then DIR/mplus
+    python -m memllm.recipes.tiny --out DIR --kind memoryllm     # stages 1-2 only
+    python -m memllm.recipes.tiny --out DIR --kind mplus --init MEMORYLLM_DIR   # stage 3 only
+    python -m memllm.recipes.tiny --out DIR --kind memoryllm --init MEMORYLLM_DIR --stage2-steps S  # more stage 2
 
 The models must look things up: a memory holds several people (and other text) in any order, the
 question is about any of them, or about someone never written (answer: ``unknown``), in any of many
@@ -27,7 +27,7 @@ wordings. Read top to bottom:
    ``replay_every``-th step is a stage-1 step. An EMA of the weights is what is evaluated and saved.
 6. Stage 3, M+ (``train_mplus``): the MemoryLLM model plus a retriever (``mplus_from``), trained the
    same way with up to ``mplus_max_texts`` texts, every row reading its long-term memory
-   (``memllm.mplus.RowLTM``, exactly as inference does) and the retriever loss on the asked person's
+   (``memllm.core.mplus.RowLTM``, exactly as inference does) and the retriever loss on the asked person's
    long-term vectors (so what is retrieved depends on the question).
 7. ``save_tiny``: the EMA weights with the tokenizer and ``recipe.json`` (recipe, world, per-stage
    steps, seconds and a hash of the data stream, the evaluation history).
@@ -54,15 +54,15 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from memllm.checkpoint import load, save
-from memllm.inject import delta_memory
-from memllm.model import MemoryModel
-from memllm.mplus import RowLTM, drop_to_ltm
-from memllm.retriever import layer_inputs, retriever_loss
-from memllm.tiny import random_model
-from memllm.tokenizer import train_world_tokenizer
-from memllm.train import write, write_docs
-from memllm.world import ABSTAIN, Person, World, WorldConfig
+from memllm.core.checkpoint import load, save
+from memllm.core.inject import delta_memory
+from memllm.core.model import MemoryModel
+from memllm.core.mplus import RowLTM, drop_to_ltm
+from memllm.train.retriever import layer_inputs, retriever_loss
+from memllm.core.tiny import random_model
+from memllm.synthetic.tokenizer import train_world_tokenizer
+from memllm.train.trainer import write, write_docs
+from memllm.synthetic.world import ABSTAIN, Person, World, WorldConfig
 
 
 @dataclass
@@ -138,7 +138,7 @@ def build_model(recipe: Recipe, tokenizer) -> MemoryModel:
 
     M+ adds R = ltm_blocks * K retrieved slots and the retriever (query/key projectors, selector dim
     32). Its long-term memory merges at every update and never decays: the tiny model's whole history
-    stays retrievable, and training reads it exactly as inference does (`memllm.mplus.RowLTM`)."""
+    stays retrievable, and training reads it exactly as inference does (`memllm.core.mplus.RowLTM`)."""
     mplus = recipe.kind == "mplus"
     return random_model(
         num_layers=recipe.num_layers, hidden_size=recipe.hidden_size, num_heads=recipe.num_heads,
@@ -603,7 +603,7 @@ def train_memoryllm(recipe: Recipe, out: str | Path) -> dict:
     draw = world.people_stream("train", seed=recipe.seed + (3000 if recipe.init else 1000)).__next__
     ema, s2, history = memory_stage(model, recipe, world, tokenizer, fixed_people, eval_people, rng, draw,
                                     recipe.lr, recipe.stage2_steps)
-    command = f"python -m memllm.tinymodel --kind memoryllm --seed {recipe.seed}"
+    command = f"python -m memllm.recipes.tiny --kind memoryllm --seed {recipe.seed}"
     if recipe.init:
         command += f" --init {recipe.init} --stage2-steps {recipe.stage2_steps}"
         earlier = json.loads((Path(recipe.init) / "recipe.json").read_text())
@@ -638,7 +638,7 @@ def train_mplus(recipe: Recipe, memoryllm_dir: str | Path, out: str | Path) -> d
                                     recipe.mplus_lr, recipe.stage3_steps)
     record = {"recipe": asdict(recipe), "world": asdict(world.config), "from": str(memoryllm_dir), "stage3": s3,
               "history": history,
-              "command": f"python -m memllm.tinymodel --kind mplus --init MEMORYLLM_DIR --seed {recipe.seed}"}
+              "command": f"python -m memllm.recipes.tiny --kind mplus --init MEMORYLLM_DIR --seed {recipe.seed}"}
     path = save_tiny(ema, tokenizer, out, record)
     summary = {"event": "saved", "out": str(path), "params": n_params, "stage3": s3, "total_s": round(time.time() - t0)}
     log(summary)

@@ -16,7 +16,7 @@ Recall is measured on ``num_queries`` = 8 queries over the same keys (the first 
 table shows the mean and the minimum. Scan and index are timed interleaved (scan, index, scan,
 ...) so that both see the same machine load; the load average is printed with the table.
 
-Run ``python -m memllm.bench_ltm``; the last printed line is a JSON summary.
+Run ``python -m memllm.bench.ltm``; the last printed line is a JSON summary.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
-from memllm.ltm import LongTermMemory, LTMConfig, LTMIndex, LTMLayer
+from memllm.core.ltm import LongTermMemory, LTMConfig, LTMIndex, LTMLayer
 
 
 @dataclass(frozen=True)

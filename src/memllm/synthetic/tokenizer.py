@@ -37,7 +37,7 @@ from tokenizers import (
 from tokenizers.trainers import BpeTrainer
 from transformers import PreTrainedTokenizerFast
 
-from memllm.world import World
+from memllm.synthetic.world import World
 
 __all__ = [
     "SPECIAL_TOKENS",

@@ -25,13 +25,13 @@ from transformers import (
     PretrainedConfig,
 )
 
-from memllm.config import (
+from memllm.core.config import (
     MODEL_TYPE_ALIASES,
     SUPPORTED_MODEL_TYPES,
     LoraSettings,
     MemoryConfig,
 )
-from memllm.model import MemoryModel
+from memllm.core.model import MemoryModel
 
 log = logging.getLogger(__name__)
 
@@ -44,16 +44,16 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be loaded as a memory model; the message says why."""
 
 
-# Our own tiny models (`python -m memllm.tinymodel`), shipped inside the package: loadable by name.
+# Our own tiny models (`python -m memllm.recipes.tiny`), shipped inside the package: loadable by name.
 SHIPPED = {"tiny-memoryllm": "memoryllm", "tiny-mplus": "mplus"}
 
 
 def shipped_path(name: str) -> Path:
     """The package directory of a shipped tiny model ("tiny-memoryllm" or "tiny-mplus")."""
-    path = Path(__file__).parent / "assets" / "tiny" / SHIPPED[name]
+    path = Path(__file__).parents[1] / "recipes" / "assets" / "tiny" / SHIPPED[name]  # package data, not an import
     if not (path / "config.json").is_file():
         raise CheckpointError(f"{name} is not in this installation ({path} is missing); "
-                              "`python -m memllm.tinymodel --out DIR` trains it")
+                              "`python -m memllm.recipes.tiny --out DIR` trains it")
     return path
 
 
@@ -226,8 +226,8 @@ def _load_memory_tensors(model: MemoryModel, tensors: dict[str, torch.Tensor], p
     if model.config.kind == "mplus":
         if not ltm:
             raise CheckpointError(f"M+ checkpoint {path} has no long-term memory (ltm.* tensors)")
-        from memllm.ltm import LongTermMemory
-        from memllm.mplus import ltm_config
+        from memllm.core.ltm import LongTermMemory
+        from memllm.core.mplus import ltm_config
 
         # Stored keys are kept as they are (they are not recomputed from the vectors).
         model.initial_ltm = LongTermMemory.from_tensors(ltm, ltm_config(model))
@@ -315,8 +315,8 @@ def initialize_memory_parameters(model: MemoryModel, seed: int = 0) -> None:
             p.copy_(torch.randn(p.shape, generator=g) * std)
     model.initialized = False
     if model.config.kind == "mplus":
-        from memllm.ltm import LongTermMemory
-        from memllm.mplus import ltm_config
+        from memllm.core.ltm import LongTermMemory
+        from memllm.core.mplus import ltm_config
 
         model.initial_ltm = LongTermMemory.empty(ltm_config(model), model.num_layers, model.hidden_size,
                                                  model.config.selector_hidden_dim)

@@ -1,7 +1,7 @@
 """Teach a memory model to use its memory (SPEC §5, MemoryLLM §3.2).
 
-    python -m memllm.train --model ckpt/ --data corpus.jsonl --out runs/a --steps 1000
-    accelerate launch --num_processes 8 -m memllm.train --model ckpt/ --data corpus.jsonl --out runs/a
+    python -m memllm.train.trainer --model ckpt/ --data corpus.jsonl --out runs/a --steps 1000
+    accelerate launch --num_processes 8 -m memllm.train.trainer --model ckpt/ --data corpus.jsonl --out runs/a
 
 Every batch row carries its own memory pool (`pools` [B, L, N, d]): it starts as the checkpoint's
 initial pool and keeps every injection of the steps before (detached between steps, reset now and
@@ -31,7 +31,7 @@ trained, whatever `train` says) with the retriever loss of SPEC §5, weighted by
   (row, layer) pairs that have both; the hidden states and rows are detached and the layer norm is not
   trained by it (the published `detach_hidden_state`), so this loss moves the projectors only.
 
-Long-term memory during training: every row also carries a long-term memory (`memllm.mplus.RowLTM`,
+Long-term memory during training: every row also carries a long-term memory (`memllm.core.mplus.RowLTM`,
 the newest `ltm_rows` vectors its pool dropped, with their ages and documents), which the prediction
 reads through the retriever exactly as inference reads a memory's LTM (merge at every update, no
 decay: tested equal), and which joins the pool among the retriever loss's candidates. `ltm_rows 0`
@@ -66,11 +66,11 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from memllm.data import TokenCorpus, read_documents
-from memllm.inject import delta_memory, dropped_rows
-from memllm.model import MemoryModel
-from memllm.mplus import RowLTM, drop_to_ltm
-from memllm.retriever import (
+from memllm.train.data import TokenCorpus, read_documents
+from memllm.core.inject import delta_memory, dropped_rows
+from memllm.core.model import MemoryModel
+from memllm.core.mplus import RowLTM, drop_to_ltm
+from memllm.train.retriever import (
     layer_inputs,
     refresh_ltm_keys,
     retriever_loss,
@@ -133,7 +133,7 @@ class TrainConfig:
     @classmethod
     def from_args(cls, argv: list[str] | None = None) -> TrainConfig:
         """Parse `--field value` for every field (`--no-flag` for booleans)."""
-        parser = argparse.ArgumentParser(prog="memllm.train", description=__doc__.split("\n")[0])
+        parser = argparse.ArgumentParser(prog="memllm.train.trainer", description=__doc__.split("\n")[0])
         add_arguments(parser)
         return cls.from_namespace(parser.parse_args(argv))
 
@@ -459,7 +459,7 @@ def _train(cfg: TrainConfig) -> dict[str, Any]:
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs, DistributedType
 
-    from memllm import checkpoint as ckpt
+    from memllm.core import checkpoint as ckpt
 
     out = Path(cfg.out)
     tensorboard = importlib.util.find_spec("tensorboard") is not None  # optional: JSONL always
@@ -477,8 +477,8 @@ def _train(cfg: TrainConfig) -> dict[str, Any]:
     model = ckpt.load(cfg.model, dtype=torch.float32, load_tokenizer=True)
     mplus = model.config.kind == "mplus"
     if mplus and getattr(model, "initial_ltm", None) is None:
-        from memllm.ltm import LongTermMemory
-        from memllm.mplus import ltm_config
+        from memllm.core.ltm import LongTermMemory
+        from memllm.core.mplus import ltm_config
 
         model.initial_ltm = LongTermMemory.empty(ltm_config(model), model.num_layers, model.hidden_size,
                                                  model.config.selector_hidden_dim)
@@ -618,7 +618,7 @@ def _train(cfg: TrainConfig) -> dict[str, Any]:
 def model_from_state(model_dir: str, state: dict[str, torch.Tensor]) -> MemoryModel:
     """The checkpoint in model_dir with the gathered training state (keys of `MemoryTraining`:
     "model.<name>") loaded into it: how a sharded run (FSDP, DeepSpeed) gets a whole model to save."""
-    from memllm import checkpoint as ckpt
+    from memllm.core import checkpoint as ckpt
 
     model = ckpt.load(model_dir, dtype=torch.float32, load_tokenizer=True)
     own = model.state_dict()
@@ -697,7 +697,7 @@ def bench_train_step(
     """Seconds of one new-knowledge training step (inject x1 with gradient, predict x2 from memory,
     backward) against one plain LM step (forward + backward, no memory) on the same 2T tokens."""
     if model is None:
-        from memllm.tiny import random_model
+        from memllm.core.tiny import random_model
 
         model = random_model(num_layers=4, hidden_size=256, num_heads=8, num_kv_heads=4, intermediate_size=688,
                              num_tokens=64, num_blocks=4, lora_rank=8)
@@ -735,7 +735,7 @@ def bench_train_step(
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(prog="memllm.train", description="Train a memory model to use its memory.")
+    parser = argparse.ArgumentParser(prog="memllm.train.trainer", description="Train a memory model to use its memory.")
     parser.add_argument("--bench", action="store_true", help="time a memory training step against an LM step")
     add_arguments(parser, required=False)
     args = parser.parse_args(argv)

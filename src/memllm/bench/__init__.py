@@ -1,0 +1,1 @@
+"""Benchmarks: inference speed and memory (`inference`), long-term memory scaling (`ltm`)."""

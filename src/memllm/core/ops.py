@@ -1,0 +1,55 @@
+"""The memory update as pure tensor functions, shared by inference (`inject`), M+ (`mplus`), training
+(`memllm.train`) and the tiny recipe: which rows survive, the pool write, the rows it drops, and the
+ages and per-row ids that follow the rows.
+
+Shapes: any leading dims `...` ([L] at inference, [B, L] in training), then N pool rows; K new rows
+per update; kept indices are ascending, so surviving rows keep their order (SPEC §2).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def kept_rows(num_layers: int, pool_size: int, num_new: int, generator: torch.Generator | None = None,
+              per_layer: bool = True, batch: int | None = None) -> torch.Tensor:
+    """A uniformly random `pool_size - num_new` surviving rows, ascending: [L, N - K] (or [B, L, N - K]
+    with `batch`); one draw shared by all layers when not `per_layer`. A function of the generator's
+    state alone, so a seeded generator gives the same rows on every machine."""
+    lead = ((batch,) if batch is not None else ()) + (num_layers if per_layer else 1,)
+    draws = torch.rand(*lead, pool_size, generator=generator)
+    kept = draws.argsort(dim=-1)[..., : pool_size - num_new].sort(dim=-1).values
+    return kept.expand(*lead[:-1], num_layers, -1)
+
+
+def write_pool(pool: torch.Tensor, delta: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+    """The memory update: pool [..., N, d], delta [..., K, d], kept [..., N - K] -> [..., N, d]: the
+    surviving rows in order, then the new ones. A new tensor (forks of the old pool are unaffected);
+    the autograd graph flows through both parts."""
+    d = pool.shape[-1]
+    survivors = pool.gather(-2, kept.unsqueeze(-1).expand(*kept.shape, d))
+    return torch.cat([survivors, delta.to(pool.dtype)], dim=-2)
+
+
+def write_ids(ids: torch.Tensor, new: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+    """Per-row integer labels after `write_pool` (which document or update wrote each row): ids [..., N],
+    new [...] (the label of this update's rows, one per leading index), kept [..., N - K] -> [..., N]."""
+    K = ids.shape[-1] - kept.shape[-1]
+    fresh = new.to(ids).reshape(*new.shape, *([1] * (kept.dim() - new.dim()))).expand(*kept.shape[:-1], K)
+    return torch.cat([ids.gather(-1, kept), fresh], dim=-1)
+
+
+def dropped_rows(kept: torch.Tensor, pool_size: int) -> torch.Tensor:
+    """The indices [..., K] (ascending) of the rows an update with kept [..., N - K] drops."""
+    mask = torch.ones(*kept.shape[:-1], pool_size, dtype=torch.bool, device=kept.device)
+    mask.scatter_(-1, kept, False)
+    return mask.nonzero()[:, -1].view(*kept.shape[:-1], -1)
+
+
+def stm_ages_after(stm_ages: torch.Tensor, kept: torch.Tensor, grow: bool = False) -> torch.Tensor:
+    """Short-term ages after an update: stm_ages [..., N], kept [..., N - K] -> [..., N]. Published
+    behaviour (grow False): a kept row keeps its age; the K new rows get K-1 .. 0."""
+    K = stm_ages.shape[-1] - kept.shape[-1]
+    survivors = stm_ages.gather(-1, kept) + (K if grow else 0)
+    new = torch.arange(K - 1, -1, -1, device=stm_ages.device).expand(*kept.shape[:-1], K)
+    return torch.cat([survivors, new], dim=-1)

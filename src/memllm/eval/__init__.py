@@ -1,0 +1,1 @@
+"""Evaluations: retention and lookup (`retention`), memory integrity under many updates."""

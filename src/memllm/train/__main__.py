@@ -1,0 +1,3 @@
+from memllm.train.trainer import main
+
+main()
