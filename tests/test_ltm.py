@@ -215,6 +215,41 @@ def test_state_dict_roundtrip_without_copy(tmp_path: Path) -> None:
     assert back.layers[0].ages.dtype == torch.int64
 
 
+def test_config_from_every_source_is_the_same() -> None:
+    """One constructor for the three places LTM settings come from: a MemoryConfig, a checkpoint's
+    config.json (with other keys and nulls) and a memory file's header (exactly its fields)."""
+    import dataclasses
+
+    from memllm.core.config import MemoryConfig
+
+    memory_config = MemoryConfig(kind="mplus", num_tokens=4, num_blocks=6, num_ltm_blocks=2,
+                                 update_ltm_frequency=3, decay_frequency=0.5, initial_rf_when_moving_stm_to_ltm=2)
+    want = LTMConfig(num_tokens=4, num_ltm_blocks=2, update_ltm_frequency=3, decay_frequency=0.5,
+                     initial_rf_when_moving_stm_to_ltm=2.0)
+    hf = {**memory_config.to_hf_dict(), "model_type": "llama", "hidden_size": 64, "rope_scaling": None}
+    header = json.loads(json.dumps(dataclasses.asdict(want)))
+    assert LTMConfig.from_dict(dataclasses.asdict(memory_config)) == want
+    assert LTMConfig.from_dict(hf) == want
+    assert LTMConfig.from_dict(header, strict=True) == want
+    assert LTMConfig.from_dict({"num_tokens": 4.0, "num_ltm_blocks": 2}) == LTMConfig(4, 2)  # defaults, ints
+    assert isinstance(LTMConfig.from_dict({"num_tokens": 4.0, "num_ltm_blocks": 2}).num_tokens, int)
+
+
+@pytest.mark.parametrize(("values", "strict", "message"), [
+    ({"num_tokens": 4, "num_ltm_blocks": 2, "bogus": 1}, True, "unknown LTM settings"),
+    ({"num_tokens": 4, "num_ltm_blocks": None}, True, "num_ltm_blocks=None"),
+    ({"num_tokens": 4}, False, "lack"),
+    ({"num_tokens": "four", "num_ltm_blocks": 2}, False, "num_tokens='four'"),
+    ({"num_tokens": 4.5, "num_ltm_blocks": 2}, False, "integer"),
+    ({"num_tokens": True, "num_ltm_blocks": 2}, False, "num_tokens=True"),
+    ({"num_tokens": 4, "num_ltm_blocks": 2, "decay_frequency": -1}, False, "non-negative"),
+    ({"num_tokens": 4, "num_ltm_blocks": 2, "decay_frequency": float("nan")}, False, "decay_frequency"),
+])
+def test_config_refuses_bad_settings(values: dict, strict: bool, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        LTMConfig.from_dict(values, strict=strict)
+
+
 # --------------------------------------------------------------------------- golden
 def _golden(family: str) -> tuple[dict, dict[str, torch.Tensor], dict[str, torch.Tensor], dict]:
     MPLUS = GOLDEN_DIR / family
@@ -257,7 +292,7 @@ def _check_retrieval(ltm: LongTermMemory, rec: dict, ckpt: dict, config: dict, s
 @needs_golden
 def test_golden_retrieval_s0(family: str) -> None:
     meta, rec, ckpt, config = _golden(family)
-    ltm = LongTermMemory.from_tensors(ckpt, LTMConfig.from_hf_config(config))
+    ltm = LongTermMemory.from_tensors(ckpt, LTMConfig.from_dict(config))
     _check_retrieval(ltm, rec, ckpt, config, "s0", meta["retrieval"]["s0"])
 
 
@@ -269,7 +304,7 @@ def test_golden_merge_schedule_and_retrieval_after_steps(family: str) -> None:
     cache keys for retrieval are taken from the recorded `ltm_keys_after` / `cached_keys_after`.
     """
     meta, rec, ckpt, config = _golden(family)
-    cfg = LTMConfig.from_hf_config(config)
+    cfg = LTMConfig.from_dict(config)
     k = cfg.num_tokens
     ltm = LongTermMemory.from_tensors(ckpt, cfg)
     num_layers = len(ltm.layers)

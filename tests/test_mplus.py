@@ -145,7 +145,7 @@ def test_training_ltm_reads_like_inference() -> None:
     (merge every update, no decay)."""
     from memllm.core.inject import RecordedDrop, delta_memory
     from memllm.core.mplus import RowLTM, drop_to_ltm, ltm_config
-    from memllm.train.trainer import write
+    from memllm.core.ops import write_pool
 
     model = random_model(kind="mplus", num_blocks=6, num_ltm_blocks=2, seed=5).eval()
     model.config.update_ltm_frequency, model.config.decay_frequency = 1, 0.0
@@ -164,7 +164,7 @@ def test_training_ltm_reads_like_inference() -> None:
             model.inject(memory, ids, drop=RecordedDrop([kept[i]]))
             delta = delta_memory(model, pools, ids.unsqueeze(0))
             ltm, ages = drop_to_ltm(ltm, pools, ages, kept[i].unsqueeze(0))
-            pools = write(pools, delta, kept[i].unsqueeze(0))
+            pools = write_pool(pools, delta, kept[i].unsqueeze(0))
             if i in (0, 2, 5):  # fewer than R rows (cyclic repeat), exactly R, more than R (top R)
                 trace: list = []
                 want = model(question, memory, retrievals=trace).logits

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from huggingface_hub import snapshot_download, split_torch_state_dict_into_shards
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from transformers import (
@@ -24,14 +25,13 @@ from transformers import (
     AutoTokenizer,
     PretrainedConfig,
 )
+from transformers.utils import logging as hf_logging
 
-from memllm.core.config import (
-    MODEL_TYPE_ALIASES,
-    SUPPORTED_MODEL_TYPES,
-    LoraSettings,
-    MemoryConfig,
-)
+from memllm.core.config import MODEL_TYPE_ALIASES, LoraSettings, MemoryConfig
+from memllm.core.hf_compat import SUPPORTED_MODEL_TYPES
+from memllm.core.ltm import LongTermMemory
 from memllm.core.model import MemoryModel
+from memllm.core.mplus import empty_ltm, ltm_config
 
 log = logging.getLogger(__name__)
 
@@ -71,8 +71,6 @@ def resolve(path_or_id: str | os.PathLike) -> Path:
     if name.count("/") != 1 or name.startswith((".", "/")):
         raise CheckpointError(f"checkpoint not found: {name} is neither a local directory nor a hub id")
     try:
-        from huggingface_hub import snapshot_download
-
         return Path(snapshot_download(name, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"]))
     except Exception as e:  # network, auth, missing repo: all end the same way for the user
         raise CheckpointError(f"could not fetch {name} from the hub ({type(e).__name__}: {e})") from e
@@ -145,8 +143,6 @@ def load(
         dtype = getattr(torch, dtype)
     if dtype is None:
         dtype = getattr(torch, str(raw.get("torch_dtype") or raw.get("dtype") or "float32"))
-
-    from transformers.utils import logging as hf_logging
 
     verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()  # the memory keys are "unexpected" to transformers; we take them below
@@ -226,9 +222,6 @@ def _load_memory_tensors(model: MemoryModel, tensors: dict[str, torch.Tensor], p
     if model.config.kind == "mplus":
         if not ltm:
             raise CheckpointError(f"M+ checkpoint {path} has no long-term memory (ltm.* tensors)")
-        from memllm.core.ltm import LongTermMemory
-        from memllm.core.mplus import ltm_config
-
         # Stored keys are kept as they are (they are not recomputed from the vectors).
         model.initial_ltm = LongTermMemory.from_tensors(ltm, ltm_config(model))
     elif ltm:
@@ -242,9 +235,8 @@ def state_dict_for_save(model: MemoryModel) -> dict[str, torch.Tensor]:
     out["new_memory_positional_emb"] = model.new_memory_positional_emb.data
     out["memory"] = model.initial_pool
     if model.config.kind == "mplus":
-        ltm = getattr(model, "initial_ltm", None)
-        if ltm is not None:
-            out.update({k: v for k, v in ltm.state_dict().items() if k.startswith(_LTM_PREFIXES)})
+        if model.initial_ltm is not None:
+            out.update({k: v for k, v in model.initial_ltm.state_dict().items() if k.startswith(_LTM_PREFIXES)})
     else:
         out["initialized"] = torch.tensor(int(model.initialized), dtype=torch.uint8)
     return out
@@ -252,8 +244,6 @@ def state_dict_for_save(model: MemoryModel) -> dict[str, torch.Tensor]:
 
 def save(model: MemoryModel, out_dir: str | os.PathLike, max_shard_size: str = "5GB") -> Path:
     """Write config.json, safetensors (sharded when large) and the tokenizer, loadable by `load`."""
-    from huggingface_hub import split_torch_state_dict_into_shards
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     config = model.lm.config.to_dict()
@@ -307,7 +297,8 @@ def init_from_base(
 
 
 def initialize_memory_parameters(model: MemoryModel, seed: int = 0) -> None:
-    """Small random bos / positional vectors and pool, marked uninitialised (first inject fills it)."""
+    """Small random bos / positional vectors and pool, marked uninitialised (first inject fills it);
+    M+: an empty long-term memory."""
     g = torch.Generator().manual_seed(seed)
     std = getattr(model.lm.config, "initializer_range", 0.02)
     with torch.no_grad():
@@ -315,8 +306,4 @@ def initialize_memory_parameters(model: MemoryModel, seed: int = 0) -> None:
             p.copy_(torch.randn(p.shape, generator=g) * std)
     model.initialized = False
     if model.config.kind == "mplus":
-        from memllm.core.ltm import LongTermMemory
-        from memllm.core.mplus import ltm_config
-
-        model.initial_ltm = LongTermMemory.empty(ltm_config(model), model.num_layers, model.hidden_size,
-                                                 model.config.selector_hidden_dim)
+        model.initial_ltm = empty_ltm(model)

@@ -9,9 +9,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-# Base-model families whose decoder layers have the Llama layout we rely on
-# (input_layernorm, self_attn.{q,k,v,o}_proj, RoPE, post_attention_layernorm, mlp).
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+# The base-model families memllm supports are `memllm.core.hf_compat.SUPPORTED_MODEL_TYPES`.
 # The authors' own config class calls the model type "memoryllm"; it is a Llama underneath.
 MODEL_TYPE_ALIASES = {"memoryllm": "llama", "mplus": "llama"}
 ARCHITECTURES = {"MemoryLLM": "memoryllm", "MPlus": "mplus"}
@@ -20,7 +18,8 @@ ARCHITECTURES = {"MemoryLLM": "memoryllm", "MPlus": "mplus"}
 @dataclass
 class LoraSettings:
     """LoRA on q, k, v, gate, up, down (not o), as published: one adapter for injection
-    (`default`), one for generation (`decoder_adapter`) when `add_decoder_lora` is set."""
+    (`default`), one for generation (`decoder_adapter`) when `add_decoder_lora` is set. The target
+    names are the Llama family's module names (checked in tests/test_hf_compat.py)."""
 
     r: int = 16
     lora_alpha: int = 32

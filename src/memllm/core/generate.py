@@ -124,3 +124,47 @@ def _pieces(streamer: TextIteratorStreamer, thread: threading.Thread, errors: li
     thread.join()
     if errors:
         raise errors[0]
+
+
+def ask_many(
+    model: "MemoryModel",
+    memories: list[Memory],
+    questions: list[str],
+    max_new_tokens: int = 32,
+    chat: bool | None = None,
+    **generate_kwargs,
+) -> list[str]:
+    """Answer questions[i] from memories[i], all in one batched generation (a server's many users).
+
+    Rows read different memories: each row's prefix cache holds its own memory's keys and values
+    (computed once per memory state, as for `ask`). MemoryLLM only when the memories differ: M+
+    retrieves from one long-term memory per forward, so its rows are grouped by memory instead.
+    Equal to asking each memory its questions separately (greedy decoding; tested)."""
+    if len(memories) != len(questions):
+        raise ValueError(f"{len(questions)} questions for {len(memories)} memories: give one memory per question")
+    distinct = {id(m): m for m in memories}
+    if len(distinct) == 1 or model.config.kind != "memoryllm" or not all(m.initialized for m in distinct.values()):
+        answers: list[str] = [""] * len(questions)
+        for key, memory in distinct.items():
+            rows = [i for i, m in enumerate(memories) if id(m) == key]
+            for i, a in zip(rows, ask(model, memory, [questions[i] for i in rows], max_new_tokens, chat,
+                                      **generate_kwargs)):
+                answers[i] = a
+        return answers
+    for memory in distinct.values():
+        model.check_memory(memory)
+    enc = encode_prompt(model, questions, chat)
+    model.check_room(memories[0], enc["input_ids"].shape[1], max_new_tokens, "question")
+    model.check_token_ids(enc["input_ids"])
+    generate_kwargs.setdefault("do_sample", False)
+    generate_kwargs.setdefault("pad_token_id", _pad_id(model))
+    with torch.no_grad(), model.adapter("decoder"):
+        prefixes = {key: model.memory_prefix(memory) for key, memory in distinct.items()}
+        P = next(iter(prefixes.values()))[1]
+        kv = [(torch.cat([prefixes[id(m)][0][l][0] for m in memories]),  # [B, kv_heads, P, head_dim]
+               torch.cat([prefixes[id(m)][0][l][1] for m in memories])) for l in range(model.num_layers)]
+        inputs = model._read_inputs(enc["input_ids"], enc["attention_mask"], kv, P, mask_retrieved=False)
+        inputs.pop("position_ids")  # generate derives the same ones from the [prefix ; prompt] mask
+        out = model.lm.generate(**inputs, max_new_tokens=max_new_tokens, **generate_kwargs)
+    with model.using_tokenizer() as tok:
+        return tok.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)

@@ -21,7 +21,9 @@ from typing import TYPE_CHECKING, Iterator, Protocol
 
 import torch
 
+from memllm.core import hf_compat, ops
 from memllm.core.memory import Memory
+from memllm.core.mplus import move_dropped_to_ltm
 
 if TYPE_CHECKING:
     from memllm.core.model import MemoryModel
@@ -82,35 +84,30 @@ def delta_memory(
 
     def pre_hook(l: int):
         def hook(module, args, kwargs):
-            hidden = args[0] if args else kwargs["hidden_states"]  # [B, num_queries, d]
+            hidden = hf_compat.layer_hidden(args, kwargs)  # [B, num_queries, d]
             x = hidden[:, old_queries:]
             if old_queries:
                 mem = layer_pool(l, hidden.device)[:, -K + T:]
                 x = torch.cat([mem, x], dim=1)
             x = torch.cat([x[:, :-num_new], x[:, -num_new:] + pos_emb.to(x.device)], dim=1)
-            if args:
-                return (x, *args[1:]), kwargs
-            return args, {**kwargs, "hidden_states": x}
+            return hf_compat.with_layer_hidden(args, kwargs, x)
         return hook
 
     def post_hook(l: int):
         def hook(module, args, kwargs, output):
-            out = output[0] if isinstance(output, tuple) else output
-            captured[l] = out[:, -num_new:]
+            captured[l] = hf_compat.layer_output(output)[:, -num_new:]
         return hook
-
-    from memllm.core.model import prefilled_cache
 
     with model.adapter("encoder"):
         cache = None
         if P:
             kv = []
             for l in range(model.num_layers):
-                dev = model.layers[l].input_layernorm.weight.device
+                dev = hf_compat.layer_device(model.layers[l])
                 bos = model.bos_embedding[l].unsqueeze(0).expand(B, -1, -1)
                 prefix = torch.cat([bos, layer_pool(l, dev)[:, -K:][:, : P - 1]], dim=1)  # [B, P, d]
                 kv.append(model.prefix_kv(l, prefix))
-            cache = prefilled_cache(model.lm.config, kv, B)
+            cache = hf_compat.prefilled_cache(model.lm.config, kv, B)
         embeds = model.lm.get_input_embeddings()(input_ids)  # [B, T, d]
         if old_queries:  # placeholders, replaced by each layer's own memory rows in the pre-hook
             embeds = torch.cat([embeds.new_zeros(B, old_queries, embeds.shape[-1]), embeds], dim=1)
@@ -121,11 +118,11 @@ def delta_memory(
         position_ids = (text_mask.cumsum(-1) - 1).clamp(min=0) + P
         full_mask = torch.cat([text_mask.new_ones(B, P), text_mask], dim=1)
         with model.layer_hooks(pre=pre_hook, post=post_hook):
-            model.lm.model(
+            hf_compat.decoder(model.lm)(
                 inputs_embeds=embeds, attention_mask=full_mask, position_ids=position_ids,
-                cache=cache, use_cache=cache is not None,
+                use_cache=cache is not None, **{hf_compat.CACHE_ARG: cache},
             )
-    first = model.layers[0].input_layernorm.weight.device
+    first = hf_compat.layer_device(model.layers[0])
     return torch.stack([captured[l].to(first) for l in range(model.num_layers)], dim=1)
 
 
@@ -147,17 +144,14 @@ class DropPolicy(Protocol):
 @dataclass
 class RandomDrop:
     """The published policy: keep a uniformly random N - k rows in their order, per layer
-    (`per_layer`, every published training config) or one choice shared by all layers."""
+    (`per_layer`, every published training config) or one choice shared by all layers
+    (`memllm.core.ops.kept_rows`, as in training)."""
 
     per_layer: bool = True
     generator: torch.Generator | None = None
 
     def __call__(self, num_layers: int, pool_size: int, num_new: int, device: torch.device) -> torch.Tensor:
-        draws = num_layers if self.per_layer else 1
-        kept = [torch.randperm(pool_size, generator=self.generator)[: pool_size - num_new].sort().values
-                for _ in range(draws)]
-        kept = torch.stack(kept)
-        return kept.expand(num_layers, -1).to(device)
+        return ops.kept_rows(num_layers, pool_size, num_new, self.generator, self.per_layer).to(device)
 
 
 class RecordedDrop:
@@ -182,7 +176,7 @@ def update(model: "MemoryModel", memory: Memory, delta: torch.Tensor, drop: Drop
     """
     if delta.dim() != 3:
         raise ValueError(f"delta memory must be [layers, k, hidden], got {tuple(delta.shape)}")
-    L, N, d = memory.pool.shape
+    L, N, _ = memory.pool.shape
     delta = delta.to(memory.pool.device, memory.pool.dtype)
     if not memory.initialized:
         n = delta.shape[1]
@@ -194,12 +188,9 @@ def update(model: "MemoryModel", memory: Memory, delta: torch.Tensor, drop: Drop
     k = delta.shape[1]
     drop = drop or RandomDrop(per_layer=model.config.drop_memory_per_layer)
     kept = drop(L, N, k, memory.pool.device)
-    kept_rows = memory.pool.gather(1, kept.unsqueeze(-1).expand(-1, -1, d))  # [L, N - k, d]
     if memory.ltm is not None:
-        from memllm.core.mplus import move_dropped_to_ltm
-
-        move_dropped_to_ltm(model, memory, kept, k)
-    memory.pool = torch.cat([kept_rows, delta], dim=1)
+        move_dropped_to_ltm(model, memory, memory.ltm, kept, k)
+    memory.pool = ops.write_pool(memory.pool, delta, kept)
     memory.num_updates += 1
     return kept
 
@@ -213,11 +204,3 @@ def chunks(input_ids: torch.Tensor, chunk_size: int) -> list[torch.Tensor]:
         tail = pieces.pop()
         pieces[-1] = torch.cat([pieces[-1], tail])
     return pieces
-
-
-def dropped_rows(kept: torch.Tensor, N: int) -> torch.Tensor:
-    """The indices [B, L, K] (ascending) of the rows an update with kept [B, L, N-K] drops."""
-    B, L, _ = kept.shape
-    mask = torch.ones(B, L, N, dtype=torch.bool, device=kept.device)
-    mask.scatter_(2, kept, False)
-    return mask.nonzero()[:, 2].view(B, L, -1)

@@ -55,17 +55,32 @@ class LTMConfig:
         return self.num_ltm_blocks * self.num_tokens
 
     @classmethod
-    def from_hf_config(cls, config: Mapping[str, object]) -> LTMConfig:
-        """Build from a checkpoint's ``config.json`` dict."""
-        return cls(
-            num_tokens=int(config["num_tokens"]),  # type: ignore[arg-type]
-            num_ltm_blocks=int(config["num_ltm_blocks"]),  # type: ignore[arg-type]
-            update_ltm_frequency=int(config.get("update_ltm_frequency", 60)),  # type: ignore[arg-type]
-            decay_frequency=float(config.get("decay_frequency", 1.0)),  # type: ignore[arg-type]
-            initial_rf_when_moving_stm_to_ltm=float(
-                config.get("initial_rf_when_moving_stm_to_ltm", 10.0)  # type: ignore[arg-type]
-            ),
-        )
+    def from_dict(cls, values: Mapping[str, object], strict: bool = False) -> LTMConfig:
+        """The one way to build it from stored settings: a checkpoint's ``config.json``, a
+        ``MemoryConfig``'s fields (``strict`` False: other keys and null values are ignored) or a
+        memory file's header (``strict``: exactly these fields). Every value must be a non-negative
+        number, integral for the integer fields; ValueError says which is not."""
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        if strict:
+            unknown = sorted(set(values) - set(fields))
+            if unknown:
+                raise ValueError(f"unknown LTM settings {unknown}: expected keys among {sorted(fields)}")
+        kwargs: dict[str, int | float] = {}
+        for name, f in fields.items():
+            if name not in values or (values[name] is None and not strict):
+                continue
+            value = values[name]
+            integral = f.type == "int"
+            if (isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0
+                    or (integral and not float(value).is_integer())):
+                kind = "a non-negative integer" if integral else "a non-negative number"
+                raise ValueError(f"LTM setting {name}={value!r}: expected {kind}")
+            kwargs[name] = int(value) if integral else float(value)
+        missing = [name for name, f in fields.items()
+                   if name not in kwargs and f.default is dataclasses.MISSING]
+        if missing:
+            raise ValueError(f"LTM settings lack {missing}")
+        return cls(**kwargs)
 
 
 @dataclass

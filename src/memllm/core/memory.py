@@ -32,6 +32,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from memllm.core.ltm import LongTermMemory, LTMConfig
+
 FORMAT = "memllm-memory"
 FORMAT_VERSION = 2  # 2: the checksum covers the metadata too; version-1 files (tensors only) still load
 
@@ -86,7 +88,7 @@ class Memory:
 
     pool: [L, N, d] short-term memory pool, one row per memory vector, oldest first.
     stm_ages: [L, N] int64, M+ only: age of each short-term vector.
-    ltm: M+ long-term memory (`memllm.core.ltm.LongTermMemory`), or None.
+    ltm: M+ long-term memory, or None.
     """
 
     pool: torch.Tensor
@@ -94,7 +96,7 @@ class Memory:
     initialized: bool = True
     num_updates: int = 0
     stm_ages: torch.Tensor | None = None
-    ltm: Any = None
+    ltm: LongTermMemory | None = None
 
     @property
     def num_layers(self) -> int:
@@ -248,8 +250,6 @@ class Memory:
             raise MemoryFileError(f"{path} has stm_ages of shape {tuple(ages.shape)}, not {tuple(pool.shape[:2])}")
         ltm = None
         if header.ltm is not None:
-            from memllm.core.ltm import LongTermMemory
-
             try:
                 ltm = LongTermMemory.from_tensors(tensors, header.ltm)
             except KeyError as e:
@@ -273,7 +273,7 @@ class _Header:
     fingerprint: str
     initialized: bool
     num_updates: int
-    ltm: Any  # LTMConfig or None
+    ltm: LTMConfig | None
     shards: list[dict]
 
 
@@ -310,17 +310,12 @@ def _parse_header(path: Path, meta: dict[str, str]) -> _Header:
         raise bad("num_updates", "expected a non-negative integer")
     ltm = None
     if "ltm" in meta:
-        from memllm.core.ltm import LTMConfig
-
-        fields = {f.name: f.type for f in dataclasses.fields(LTMConfig)}
         config = json_field("ltm")
-        if not isinstance(config, dict) or not set(config) <= set(fields) or not all(
-            isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0 for v in config.values()
-        ):
-            raise bad("ltm", f"expected an object of non-negative numbers with keys among {sorted(fields)}")
+        if not isinstance(config, dict):
+            raise bad("ltm", "expected an object of the long-term memory's settings")
         try:
-            ltm = LTMConfig(**config)
-        except TypeError as e:
+            ltm = LTMConfig.from_dict(config, strict=True)
+        except ValueError as e:
             raise bad("ltm", str(e)) from None
     shards = json_field("shards") if "shards" in meta else []
     if not isinstance(shards, list) or not all(

@@ -34,15 +34,17 @@ from typing import Callable, Iterator
 
 import torch
 from torch import nn
-from transformers import DynamicCache, PreTrainedModel
+from transformers import PreTrainedModel
+from transformers.activations import ACT2FN
 from transformers.modeling_outputs import CausalLMOutputWithPast
-from transformers.models.llama.modeling_llama import rotate_half
 
+from memllm.core import hf_compat
 from memllm.core.config import MemoryConfig
 from memllm.core.generate import ask, generate, stream
 from memllm.core.inject import MIN_CONTEXT_TOKENS, DropPolicy, chunks, delta_memory, update
+from memllm.core.ltm import LongTermMemory
 from memllm.core.memory import Memory, MemoryMismatchError
-from memllm.core.mplus import RowLTM, ltm_is_empty, retrieving, retrieving_rows
+from memllm.core.mplus import RowLTM, empty_ltm, ltm_is_empty, retrieving, retrieving_rows
 
 ENCODER_ADAPTER = "default"
 DECODER_ADAPTER = "decoder_adapter"
@@ -142,16 +144,6 @@ class AdapterGate:
                 self._cond.notify_all()
 
 
-def prefilled_cache(config, kv: list[tuple[torch.Tensor, torch.Tensor]], batch: int) -> DynamicCache:
-    """A transformers cache holding a prefix's (k, v) per layer, broadcast to `batch` rows without a
-    copy (the first update concatenates, so the given tensors are never written into)."""
-    cache = DynamicCache(config=config)
-    for layer, (k, v) in zip(cache.layers, kv):
-        layer.lazy_initialization(k, v)
-        layer.keys, layer.values = k.expand(batch, -1, -1, -1), v.expand(batch, -1, -1, -1)
-    return cache
-
-
 class Projector(nn.Sequential):
     """M+ retriever projector: Linear(d -> 2s) -> activation -> Linear(2s -> s), no biases."""
 
@@ -180,17 +172,17 @@ class MemoryModel(nn.Module):
         # The trained initial pool shipped with a checkpoint: resetting it to zeros destroys the model.
         self.register_buffer("initial_pool", torch.zeros(L, config.num_memory_tokens, d, dtype=dtype, device=device))
         self.initialized = True
+        # M+: the long-term memory every new memory starts from (a checkpoint's; empty until loaded).
+        self.initial_ltm: LongTermMemory | None = empty_ltm(self) if config.kind == "mplus" else None
         if config.lora_config is not None:
             self._add_lora()
         if config.kind == "mplus":
-            from transformers.activations import ACT2FN
-
             for layer in self.layers:
-                layer_device = layer.input_layernorm.weight.device
                 names = ["query_proj", "key_proj"] + (["encoder_query_proj"] if config.add_encoder_retriever else [])
                 for name in names:
                     proj = Projector(d, config.selector_hidden_dim, ACT2FN[c.hidden_act])
-                    layer.self_attn.add_module(name, proj.to(device=layer_device, dtype=dtype))
+                    hf_compat.attention(layer).add_module(
+                        name, proj.to(device=hf_compat.layer_device(layer), dtype=dtype))
         for layer in self.layers:
             if not getattr(layer, "_memllm_plans", False):  # once, even if two models wrap one lm
                 layer.register_forward_pre_hook(_run_pre_hooks, with_kwargs=True)
@@ -222,7 +214,7 @@ class MemoryModel(nn.Module):
 
     @property
     def layers(self) -> nn.ModuleList:
-        return self.lm.model.layers
+        return hf_compat.decoder_layers(self.lm)
 
     @property
     def num_layers(self) -> int:
@@ -322,8 +314,7 @@ class MemoryModel(nn.Module):
                         initialized=self.initialized)
         if self.config.kind == "mplus":
             memory.stm_ages = torch.zeros(self.initial_pool.shape[:2], dtype=torch.long, device=self.device)
-            memory.ltm = getattr(self, "initial_ltm", None)
-            memory.ltm = memory.ltm.fork() if memory.ltm is not None else None
+            memory.ltm = self.initial_ltm.fork() if self.initial_ltm is not None else None
         return memory
 
     def check_memory(self, memory: Memory) -> None:
@@ -357,7 +348,7 @@ class MemoryModel(nn.Module):
 
     def rope(self, like: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin [B, P, head_dim] for position ids [B, P], with the model's rope scaling."""
-        return self.lm.model.rotary_emb(like, positions)
+        return hf_compat.rotary(self.lm, like, positions)
 
     def prefix_kv(self, layer_idx: int, rows: torch.Tensor, start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values of prefix rows [B, P, d] at layer l, rotated at positions start..start+P-1.
@@ -366,15 +357,10 @@ class MemoryModel(nn.Module):
         residual, no MLP. Returns k, v [B, kv_heads, P, head_dim].
         """
         layer = self.layers[layer_idx]
-        attn = layer.self_attn
-        B, P, _ = rows.shape
-        h = layer.input_layernorm(rows)
-        k = attn.k_proj(h).view(B, P, -1, attn.head_dim).transpose(1, 2)
-        v = attn.v_proj(h).view(B, P, -1, attn.head_dim).transpose(1, 2)
-        positions = torch.arange(start, start + P, device=rows.device).unsqueeze(0)
+        k, v = hf_compat.project_kv(layer, hf_compat.input_norm(layer)(rows))
+        positions = torch.arange(start, start + rows.shape[1], device=rows.device).unsqueeze(0)
         cos, sin = self.rope(rows, positions)
-        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-        return k * cos + rotate_half(k) * sin, v
+        return hf_compat.apply_rotary(k, cos, sin), v
 
     def memory_prefix(self, memory: Memory) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], int]:
         """Per-layer (k, v) [1, kv_heads, P, head_dim] of the memory prefix, and P.
@@ -444,7 +430,7 @@ class MemoryModel(nn.Module):
         kv = []
         with self.adapter("decoder"):
             for l, layer in enumerate(self.layers):
-                pool = pools[:, l].to(layer.input_layernorm.weight.device)  # [B, N, d]
+                pool = pools[:, l].to(hf_compat.layer_device(layer))  # [B, N, d]
                 B, _, d = pool.shape
                 bos = self.bos_embedding[l].unsqueeze(0).expand(B, -1, -1)
                 kv.append(self.prefix_kv(l, torch.cat([bos, pool.new_zeros(B, R, d), pool], dim=1)))
@@ -489,7 +475,7 @@ class MemoryModel(nn.Module):
         if P == 0:
             inputs["attention_mask"] = attention_mask
             return inputs
-        inputs["cache"] = prefilled_cache(self.lm.config, kv, B)
+        inputs[hf_compat.CACHE_ARG] = hf_compat.prefilled_cache(self.lm.config, kv, B)
         prefix_mask = attention_mask.new_ones(B, P)
         if mask_retrieved:
             prefix_mask[:, 1 : 1 + self.config.num_retrieved] = 0
@@ -509,17 +495,17 @@ class MemoryModel(nn.Module):
             if not read_ltm:
                 return self.lm(**inputs, labels=labels, use_cache=True)
             text_mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
-            with retrieving_rows(self, ltm, inputs["cache"], text_mask):
+            with retrieving_rows(self, ltm, inputs[hf_compat.CACHE_ARG], text_mask):
                 return self.lm(**inputs, labels=labels, use_cache=True)
 
     @contextmanager
     def reading(self, memory: Memory, inputs: dict, trace: list | None = None) -> Iterator[None]:
         """Around a forward/generate on `prepare`d inputs: M+ retrieval hooks (no-op for MemoryLLM)."""
-        if self.config.kind != "mplus" or "cache" not in inputs or ltm_is_empty(memory):
+        if self.config.kind != "mplus" or hf_compat.CACHE_ARG not in inputs or ltm_is_empty(memory):
             yield
             return
         text_mask = inputs["attention_mask"][:, -inputs["input_ids"].shape[1]:]
-        with retrieving(self, memory, inputs["cache"], text_mask, trace, self.retrieval_mode):
+        with retrieving(self, memory, inputs[hf_compat.CACHE_ARG], text_mask, trace, self.retrieval_mode):
             yield
 
     def forward(
@@ -538,7 +524,7 @@ class MemoryModel(nn.Module):
         with self.adapter("decoder"):
             inputs = self.prepare(memory, input_ids, attention_mask)
             with self.reading(memory, inputs, retrievals):
-                return self.lm(**inputs, labels=labels, use_cache="cache" in inputs, **kwargs)
+                return self.lm(**inputs, labels=labels, use_cache=hf_compat.CACHE_ARG in inputs, **kwargs)
 
     # ---- the small public API: inject, generate, ask, stream ------------------------------------
 

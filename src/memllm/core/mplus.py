@@ -15,56 +15,68 @@ merge schedule runs (`finish_update`).
 
 from __future__ import annotations
 
+import dataclasses
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterator
 
 import torch
 
-from memllm.core.inject import dropped_rows
+from memllm.core import hf_compat, ops
 from memllm.core.ltm import LongTermMemory, LTMConfig, Retrieval, order_by_age
 from memllm.core.memory import Memory
 
 if TYPE_CHECKING:
+    from transformers import DynamicCache
+
     from memllm.core.model import MemoryModel
 
 
 def ltm_config(model: "MemoryModel") -> LTMConfig:
-    c = model.config
-    return LTMConfig(
-        num_tokens=c.num_tokens, num_ltm_blocks=c.num_ltm_blocks, update_ltm_frequency=c.update_ltm_frequency,
-        decay_frequency=c.decay_frequency, initial_rf_when_moving_stm_to_ltm=c.initial_rf_when_moving_stm_to_ltm,
-    )
+    """The long-term memory's settings (K, R, merge schedule, decay), from the model's memory config."""
+    return LTMConfig.from_dict(dataclasses.asdict(model.config))
 
 
-def move_dropped_to_ltm(model: "MemoryModel", memory: Memory, kept: torch.Tensor, k: int) -> list | None:
-    """Before the pool drops rows: send them (with ages and retrieval keys) to the LTM cache, age the
-    STM, and run the merge schedule. kept [L, N - k] ascending. Returns the merge's source positions."""
+def empty_ltm(model: "MemoryModel") -> LongTermMemory:
+    """An M+ model's long-term memory before any injection: no rows, at every layer."""
+    return LongTermMemory.empty(ltm_config(model), model.num_layers, model.hidden_size, model.config.selector_hidden_dim)
+
+
+def move_dropped_to_ltm(model: "MemoryModel", memory: Memory, ltm: LongTermMemory, kept: torch.Tensor,
+                        k: int) -> list | None:
+    """Before the pool drops rows: send them (with ages and retrieval keys) to the memory's long-term
+    memory `ltm` (its cache), age the STM, and run the merge schedule. kept [L, N - k] ascending.
+    Returns the merge's source positions."""
     L, N, _ = memory.pool.shape
     if memory.stm_ages is None:
         memory.stm_ages = torch.zeros(L, N, dtype=torch.long, device=memory.pool.device)
-    gone = dropped_rows(kept.unsqueeze(0), N)[0]  # [L, k]
+    gone = ops.dropped_rows(kept, N)  # [L, k]
     with torch.no_grad():  # long-term memory is state, like the pool's old rows
         for l in range(L):
             rows = memory.pool[l, gone[l]].detach()  # [k, d]
-            layer = model.layers[l]
-            keys = layer.self_attn.key_proj(layer.input_layernorm(rows.to(layer.input_layernorm.weight.device)))
-            memory.ltm.add_dropped(l, rows.cpu(), keys.float().cpu(), memory.stm_ages[l, gone[l]].cpu())
-    memory.stm_ages = stm_ages_after(memory.stm_ages, kept, model.config.stm_ages_grow)
-    return memory.ltm.finish_update(k)
+            keys = retrieval_keys(model, l, rows.to(hf_compat.layer_device(model.layers[l])))
+            ltm.add_dropped(l, rows.cpu(), keys.float().cpu(), memory.stm_ages[l, gone[l]].cpu())
+    memory.stm_ages = ops.stm_ages_after(memory.stm_ages, kept, model.config.stm_ages_grow)
+    return ltm.finish_update(k)
 
 
 def retrieval_queries(model: "MemoryModel", layer_idx: int, hidden: torch.Tensor) -> torch.Tensor:
     """query_proj(input_layernorm(h)): [B, T, s] retrieval queries from a layer's input rows."""
     layer = model.layers[layer_idx]
-    return layer.self_attn.query_proj(layer.input_layernorm(hidden))
+    return hf_compat.attention(layer).query_proj(hf_compat.input_norm(layer)(hidden))
+
+
+def retrieval_keys(model: "MemoryModel", layer_idx: int, rows: torch.Tensor) -> torch.Tensor:
+    """key_proj(input_layernorm(row)): [..., M, s] retrieval keys of memory rows [..., M, d] at a layer."""
+    layer = model.layers[layer_idx]
+    return hf_compat.attention(layer).key_proj(hf_compat.input_norm(layer)(rows))
 
 
 @contextmanager
 def retrieving(
     model: "MemoryModel",
     memory: Memory,
-    cache,
+    cache: "DynamicCache",
     text_mask: torch.Tensor,
     trace: list | None = None,
     mode: str = "exact",
@@ -74,7 +86,9 @@ def retrieving(
     text_mask [B, T]: which prompt positions are real (queries average over those only).
     trace: if a list, receives (layer, [Retrieval per row]) for inspection and tests.
     """
-    ltm: LongTermMemory = memory.ltm
+    ltm = memory.ltm
+    if ltm is None:
+        raise ValueError("this memory has no long-term memory to retrieve from")
     done: set[int] = set()
 
     def hook_for(l: int):
@@ -84,7 +98,7 @@ def retrieving(
             done.add(l)
             if ltm.layers[l].num_ltm == 0:
                 return None  # nothing to retrieve: the placeholder rows stay masked
-            hidden = args[0] if args else kwargs["hidden_states"]  # [B, T, d]
+            hidden = hf_compat.layer_hidden(args, kwargs)  # [B, T, d]
             with torch.no_grad():
                 q = retrieval_queries(model, l, hidden).float().cpu()
             mask = text_mask.bool().cpu()
@@ -102,16 +116,14 @@ def retrieving(
         yield
 
 
-def place_retrieved(model: "MemoryModel", cache, l: int, rows: torch.Tensor) -> None:
+def place_retrieved(model: "MemoryModel", cache: "DynamicCache", l: int, rows: torch.Tensor) -> None:
     """Write the keys/values of retrieved rows [B, R, d] (positions 1..R) over layer l's placeholders."""
-    R = rows.shape[1]
-    dev = model.layers[l].input_layernorm.weight.device
+    B, R, _ = rows.shape
+    dev = hf_compat.layer_device(model.layers[l])
     k, v = model.prefix_kv(l, rows.to(dev, model.dtype), start=1)
-    layer_cache = cache.layers[l]
-    B = rows.shape[0]
-    keys, values = layer_cache.keys.expand(B, -1, -1, -1), layer_cache.values.expand(B, -1, -1, -1)
-    layer_cache.keys = torch.cat([keys[:, :, :1], k, keys[:, :, 1 + R:]], dim=2)
-    layer_cache.values = torch.cat([values[:, :, :1], v, values[:, :, 1 + R:]], dim=2)
+    keys, values = (t.expand(B, -1, -1, -1) for t in hf_compat.layer_kv(cache, l))
+    hf_compat.set_layer_kv(cache, l, torch.cat([keys[:, :, :1], k, keys[:, :, 1 + R:]], dim=2),
+                           torch.cat([values[:, :, :1], v, values[:, :, 1 + R:]], dim=2))
 
 
 # ---- long-term memory during training --------------------------------------------------------------
@@ -157,7 +169,7 @@ def drop_to_ltm(
     returns (the grown RowLTM, the STM ages after the write)."""
     B, L, N, d = pools.shape
     K = N - kept.shape[-1]
-    gone = dropped_rows(kept, N)  # [B, L, K] ascending
+    gone = ops.dropped_rows(kept, N)  # [B, L, K] ascending
     rows = pools.detach().gather(2, gone.unsqueeze(-1).expand(-1, -1, -1, d))
     docs = pool_docs.gather(2, gone) if pool_docs is not None else torch.full_like(gone, -1)
     grown = RowLTM(torch.cat([ltm.vectors, rows.to(ltm.vectors.dtype)], dim=2),
@@ -165,20 +177,11 @@ def drop_to_ltm(
                    torch.cat([ltm.docs, docs], dim=2))
     if max_rows is not None and grown.size > max_rows:
         grown = RowLTM(grown.vectors[:, :, -max_rows:], grown.ages[:, :, -max_rows:], grown.docs[:, :, -max_rows:])
-    return grown, stm_ages_after(stm_ages, kept, stm_ages_grow)
-
-
-def stm_ages_after(stm_ages: torch.Tensor, kept: torch.Tensor, grow: bool = False) -> torch.Tensor:
-    """Short-term ages after an update: stm_ages [..., N], kept [..., N - K] -> [..., N]. Published
-    behaviour (grow False): a kept row keeps its age; the K new rows get K-1 .. 0."""
-    K = stm_ages.shape[-1] - kept.shape[-1]
-    survivors = stm_ages.gather(-1, kept) + (K if grow else 0)
-    new = torch.arange(K - 1, -1, -1, device=stm_ages.device).expand(*kept.shape[:-1], K)
-    return torch.cat([survivors, new], dim=-1)
+    return grown, ops.stm_ages_after(stm_ages, kept, stm_ages_grow)
 
 
 @contextmanager
-def retrieving_rows(model: "MemoryModel", ltm: RowLTM, cache, text_mask: torch.Tensor) -> Iterator[None]:
+def retrieving_rows(model: "MemoryModel", ltm: RowLTM, cache: "DynamicCache", text_mask: torch.Tensor) -> Iterator[None]:
     """`retrieving` for training: row b retrieves from its own long-term memory (RowLTM row b), with the
     same score (mean over real tokens of sigmoid(query . key)), top R, oldest first, and the same
     cyclic repeat when it holds fewer than R rows. The selection is not differentiable; the retriever
@@ -191,16 +194,15 @@ def retrieving_rows(model: "MemoryModel", ltm: RowLTM, cache, text_mask: torch.T
             if l in done or M == 0:
                 return None
             done.add(l)
-            hidden = args[0] if args else kwargs["hidden_states"]  # [B, T, d]
+            hidden = hf_compat.layer_hidden(args, kwargs)  # [B, T, d]
             vectors = ltm.vectors[:, l]  # [B, M, d]
             B = vectors.shape[0]
             if M < R:
                 order = (torch.arange(R, device=vectors.device) % M).expand(B, R)
             else:
                 with torch.no_grad():
-                    layer = model.layers[l]
                     q = retrieval_queries(model, l, hidden).float()  # [B, T, s]
-                    keys = layer.self_attn.key_proj(layer.input_layernorm(vectors.to(hidden.dtype))).float()
+                    keys = retrieval_keys(model, l, vectors.to(hidden.dtype)).float()  # [B, M, s]
                     m = text_mask.to(q.dtype).unsqueeze(-1)  # [B, T, 1]
                     scores = (torch.sigmoid(q @ keys.transpose(1, 2)) * m).sum(1) / m.sum(1)  # [B, M]
                     selected = torch.topk(scores, R, dim=-1, sorted=False).indices.sort(-1).values
@@ -215,4 +217,5 @@ def retrieving_rows(model: "MemoryModel", ltm: RowLTM, cache, text_mask: torch.T
 
 
 def ltm_is_empty(memory: Memory) -> bool:
+    """True when a read has nothing to retrieve (no long-term memory, or no row in it yet)."""
     return memory.ltm is None or all(layer.num_ltm == 0 for layer in memory.ltm.layers)

@@ -7,7 +7,7 @@ models at a size that runs in milliseconds on a CPU.
 from __future__ import annotations
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
 
 from memllm.core.checkpoint import initialize_memory_parameters
 from memllm.core.config import LoraSettings, MemoryConfig
@@ -48,23 +48,24 @@ def random_model(
     update_ltm_frequency: int = 2,
     decay_frequency: float = 1.0,
     add_encoder_retriever: bool | None = None,
+    model_type: str = "llama",
 ) -> MemoryModel:
     """A randomly initialised memory model with an initialised random pool (so reads use a prefix).
 
     tokenizer: True for the byte tokenizer, False for none, or a tokenizer to use (its size sets the
-    vocabulary unless vocab_size is given)."""
+    vocabulary unless vocab_size is given). model_type: the base model's family, one of
+    `memllm.core.hf_compat.SUPPORTED_MODEL_TYPES`."""
     tok = byte_tokenizer() if tokenizer is True else (tokenizer or None)
     vocab_size = vocab_size or (len(tok) if tok is not None else 256)
     torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=intermediate_size,
+    config = AutoConfig.for_model(
+        model_type, vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=intermediate_size,
         num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=num_kv_heads,
         max_position_embeddings=max_position_embeddings, tie_word_embeddings=False,
         bos_token_id=tok.bos_token_id if tok else 1, eos_token_id=tok.eos_token_id if tok else 2,
         pad_token_id=tok.pad_token_id if tok else None,
     )
-    config._attn_implementation = "sdpa"
-    lm = LlamaForCausalLM(config).to(dtype).eval()
+    lm = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").to(dtype).eval()
     lora = LoraSettings(r=lora_rank, lora_alpha=2 * lora_rank) if lora_rank else None
     memory_config = MemoryConfig(
         kind=kind, num_tokens=num_tokens, num_blocks=num_blocks, num_ltm_blocks=num_ltm_blocks,

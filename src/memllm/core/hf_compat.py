@@ -1,0 +1,148 @@
+"""Every use memllm makes of transformers' internals, in one place.
+
+memllm runs transformers' own causal LMs and reaches inside them in a few ways: it walks the decoder
+layers and their sub-modules, projects memory rows through a layer's own norm and key/value
+projections and rotary embedding, hands the model a key/value cache it filled itself, and reads or
+replaces the hidden states entering a decoder layer from forward hooks. Each of those is one small
+function here, whose docstring names the transformers behaviour it relies on; tests/test_hf_compat.py
+checks every one against transformers itself, for every supported model type, so that an upgrade that
+changes any of them fails a named test instead of silently changing what a memory model computes.
+
+Supported base models (`SUPPORTED_MODEL_TYPES`): the Llama family, whose decoder layers share the
+Llama layout: `model.layers[l]` with `input_layernorm`, `self_attn.{q,k,v,o}_proj` (GQA, head_dim),
+`post_attention_layernorm`, `mlp`, and RoPE computed once in `model.rotary_emb` and applied with
+`rotate_half`:
+
+- `llama` (and the authors' `memoryllm` / `mplus` config names, which are Llama underneath);
+- `mistral` (its cache layers are sliding-window ones; `prefilled_cache` accounts for that);
+- `qwen2` (biased q/k/v projections; same layout).
+
+The LoRA target names (`memllm.core.config.LoraSettings.target_modules`: q_proj, k_proj, v_proj,
+gate_proj, up_proj, down_proj) are these models' module names too; tests/test_hf_compat.py checks them.
+
+transformers versions: as pinned in pyproject.toml (`transformers>=5.20,<6`): the `cache` keyword
+(formerly `past_key_values`, an alias until 5.40), `DynamicCache(config=...)` with per-layer
+`DynamicLayer`s, and decoder layers that return a tensor all date from the 5.x line.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import DynamicCache, PretrainedConfig, PreTrainedModel
+from transformers.models.llama.modeling_llama import rotate_half
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+
+# The keyword under which transformers' model forward, decoder layers and `generate` take a Cache.
+CACHE_ARG = "cache"
+
+
+# ---- structure --------------------------------------------------------------------------------------
+
+
+def decoder(lm: PreTrainedModel) -> nn.Module:
+    """The decoder stack without the LM head: `lm.model` in every supported *ForCausalLM."""
+    return lm.model
+
+
+def decoder_layers(lm: PreTrainedModel) -> nn.ModuleList:
+    """The decoder layers, in order: `lm.model.layers`. memllm hooks each one (`MemoryModel.layer_hooks`)."""
+    return decoder(lm).layers
+
+
+def attention(layer: nn.Module) -> nn.Module:
+    """A decoder layer's attention module, `layer.self_attn`: it holds k_proj, v_proj and head_dim, and
+    M+'s retriever projectors are attached to it (so their names match the published checkpoints)."""
+    return layer.self_attn
+
+
+def input_norm(layer: nn.Module) -> nn.Module:
+    """The norm a decoder layer applies to its input before attention, `layer.input_layernorm`."""
+    return layer.input_layernorm
+
+
+def layer_device(layer: nn.Module) -> torch.device:
+    """Where a decoder layer's weights are (a model may be spread over devices by `device_map`)."""
+    return input_norm(layer).weight.device
+
+
+# ---- keys, values and positions ---------------------------------------------------------------------
+
+
+def rotary(lm: PreTrainedModel, like: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [B, P, head_dim] at position ids [B, P], with the model's rope scaling: the model's own
+    `model.rotary_emb(x, position_ids)`, which it computes once per forward for all layers."""
+    return decoder(lm).rotary_emb(like, positions)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE as the attention applies it to keys: x [B, heads, P, head_dim], cos/sin [B, P, head_dim];
+    `x * cos + rotate_half(x) * sin` (the half-split rotation of transformers' Llama-family models)."""
+    return x * cos.unsqueeze(1) + rotate_half(x) * sin.unsqueeze(1)
+
+
+def project_kv(layer: nn.Module, normed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys and values, not rotated, [B, kv_heads, P, head_dim], of normed rows [B, P, d]: the layer's
+    `self_attn.k_proj` / `v_proj` split into `self_attn.head_dim`-sized heads, heads before positions."""
+    attn = attention(layer)
+    B, P, _ = normed.shape
+    k = attn.k_proj(normed).view(B, P, -1, attn.head_dim).transpose(1, 2)
+    v = attn.v_proj(normed).view(B, P, -1, attn.head_dim).transpose(1, 2)
+    return k, v
+
+
+# ---- the key/value cache ----------------------------------------------------------------------------
+
+
+def prefilled_cache(config: PretrainedConfig, kv: list[tuple[torch.Tensor, torch.Tensor]], batch: int) -> DynamicCache:
+    """A transformers cache holding a prefix's (k, v) [1 or batch, kv_heads, P, head_dim] per layer,
+    broadcast to `batch` rows without a copy.
+
+    Relies on `DynamicCache(config=...)` making one layer per decoder layer, on `DynamicLayer`
+    keeping its state in `.keys` / `.values` after `lazy_initialization`, and on its `update`
+    concatenating (so the given tensors are never written into). Sliding-window layers (mistral)
+    count the tokens they have seen in `cumulative_length`, which sizes their attention masks; the
+    prefix must be shorter than their window (their `update` keeps only the window's last tokens)."""
+    cache = DynamicCache(config=config)
+    for layer, (k, v) in zip(cache.layers, kv):
+        layer.lazy_initialization(k, v)
+        layer.keys, layer.values = k.expand(batch, -1, -1, -1), v.expand(batch, -1, -1, -1)
+        if hasattr(layer, "cumulative_length"):
+            layer.cumulative_length = k.shape[-2]
+    return cache
+
+
+def layer_kv(cache: DynamicCache, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The keys and values [B, kv_heads, S, head_dim] a cache holds for one layer (`cache.layers[l]`)."""
+    layer = cache.layers[layer_idx]
+    return layer.keys, layer.values
+
+
+def set_layer_kv(cache: DynamicCache, layer_idx: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+    """Replace one layer's cached keys and values (same length: M+ writes retrieved rows over the
+    placeholders of a prefilled cache before the layer reads it); `.keys` / `.values` as above."""
+    layer = cache.layers[layer_idx]
+    layer.keys, layer.values = keys, values
+
+
+# ---- decoder-layer hooks ----------------------------------------------------------------------------
+
+
+def layer_hidden(args: tuple, kwargs: dict) -> torch.Tensor:
+    """The hidden states [B, T, d] entering a decoder layer, from a forward pre-hook registered
+    `with_kwargs=True`: the model passes them positionally; `hidden_states` by keyword otherwise."""
+    return args[0] if args else kwargs["hidden_states"]
+
+
+def with_layer_hidden(args: tuple, kwargs: dict, hidden: torch.Tensor) -> tuple[tuple, dict]:
+    """A pre-hook's return value that makes the layer run on `hidden` instead (see `layer_hidden`)."""
+    if args:
+        return (hidden, *args[1:]), kwargs
+    return args, {**kwargs, "hidden_states": hidden}
+
+
+def layer_output(output: torch.Tensor | tuple) -> torch.Tensor:
+    """The hidden states [B, T, d] a decoder layer returns, from a forward hook: a tensor in 5.x
+    (a tuple whose first element they are in earlier releases)."""
+    return output[0] if isinstance(output, tuple) else output
