@@ -1,0 +1,324 @@
+"""`memllm serve`: many durable memories behind one model, over an OpenAI-compatible HTTP API.
+
+    POST /v1/chat/completions, /v1/completions   (stream: server-sent events, as OpenAI's)
+    GET  /v1/models                              the model and every memory of the caller's tenant
+    /v1/memories ...                             create, list, get, inject, fork, history, versions,
+                                                 restore, export, import, delete
+
+A request reads the memory named by its `model` field (``<memory id>`` or ``<model>/<memory id>``) or,
+equivalently, by an extra body field ``memory``. Every request carries an API key (``Authorization:
+Bearer mk-...``); a key belongs to one tenant and sees only that tenant's memories (others' are 404,
+as if they did not exist). Keys are made with ``memllm serve keys create``.
+The model is used by one worker thread (`memllm.serve.worker`); memories live in a `Store`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any
+
+from fastapi import Depends, FastAPI, HTTPException, Request, Response, UploadFile
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, Field
+
+from memllm.core.memory import Memory, MemoryFileError, MemoryMismatchError
+from memllm.core.model import MemoryModel
+from memllm.serve.store import Key, MemoryRecord, NotFound, Store, StoreError
+from memllm.serve.worker import Ask, Inject, Stream, Worker
+
+
+@dataclass
+class Limits:
+    """What one request may ask for; beyond it the request is refused with 4xx, before any work."""
+
+    max_body_bytes: int = 4 << 20
+    max_text_chars: int = 100_000
+    max_tokens: int = 256
+    max_batch_texts: int = 64
+    max_in_flight: int = 256
+
+
+# ---- request bodies (the OpenAPI schema is generated from them) ---------------------------------
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+
+
+class ErrorBody(BaseModel):
+    error: ErrorDetail | None = None
+    detail: Any = None
+
+
+class ChatMessage(BaseModel):
+    role: str
+    content: str
+
+
+class ChatRequest(BaseModel):
+    model: str
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    stream: bool = False
+    memory: str | None = None
+    write_to_memory: bool = Field(default=False, description="also inject the turn (question and answer)")
+
+
+class CompletionRequest(BaseModel):
+    model: str
+    prompt: str
+    max_tokens: int | None = Field(default=None, ge=1)
+    stream: bool = False
+    memory: str | None = None
+
+
+class CreateMemory(BaseModel):
+    name: str = Field(default="", max_length=200)
+
+
+class InjectRequest(BaseModel):
+    text: str | None = None
+    texts: list[str] | None = None
+
+
+class ForkRequest(BaseModel):
+    name: str = Field(default="", max_length=200)
+
+
+def caller(request: Request) -> Key:
+    """The API key of a request (a tenant's key: admin keys manage keys, not memories)."""
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    key = request.app.state.store.authenticate(token.strip()) if scheme.lower() == "bearer" else None
+    if key is None:
+        raise HTTPException(401, "a valid API key is needed: Authorization: Bearer mk-...")
+    if key.admin:
+        raise HTTPException(403, "an admin key manages keys; use a tenant's key for memories")
+    return key
+
+
+Caller = Annotated[Key, Depends(caller)]
+
+
+def create_app(model: MemoryModel, store: Store, model_name: str = "memllm", limits: Limits | None = None,
+               worker: Worker | None = None) -> FastAPI:
+    """The HTTP app for `model` and `store` (uvicorn, Ray Serve and tests all run this one)."""
+    limits = limits or Limits()
+    worker = worker or Worker(model, store)
+    in_flight = asyncio.Semaphore(limits.max_in_flight)
+    errors = {status: {"model": ErrorBody, "description": why} for status, why in (
+        (400, "bad input"), (401, "no valid API key"), (403, "an admin key used for memories"),
+        (404, "no such memory (or another tenant's)"), (413, "over a size limit"), (429, "too many requests in flight"))}
+    app = FastAPI(title="memllm", version="1", description=__doc__.split("\n\n")[0], responses=errors)
+    app.state.worker, app.state.store = worker, store
+
+    @app.middleware("http")
+    async def refuse_big_bodies(request: Request, call_next):
+        length = request.headers.get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > limits.max_body_bytes):
+            return JSONResponse(_error(f"request body over {limits.max_body_bytes} bytes"), status_code=413)
+        if in_flight.locked():
+            return JSONResponse(_error("too many requests in flight; retry later"), status_code=429)
+        async with in_flight:
+            return await call_next(request)
+
+    @app.exception_handler(StoreError)
+    async def store_error(request: Request, e: StoreError):
+        return JSONResponse(_error(str(e)), status_code=404 if isinstance(e, NotFound) else 400)
+
+    async def run(job) -> Any:
+        return await asyncio.wrap_future(worker.submit(job))
+
+    def memory_of(key: Key, model_field: str, memory_field: str | None) -> str:
+        memory_id = memory_field or model_field.rsplit("/", 1)[-1]
+        store.get(key.tenant, memory_id)  # 404 unless the caller's tenant owns it
+        return memory_id
+
+    def check_text(text: str) -> None:
+        if not text.strip():
+            raise HTTPException(400, "the text is empty")
+        if len(text) > limits.max_text_chars:
+            raise HTTPException(413, f"text of {len(text)} characters: at most {limits.max_text_chars}")
+
+    def max_new(requested: int | None) -> int:
+        n = requested or min(64, limits.max_tokens)
+        if n > limits.max_tokens:
+            raise HTTPException(400, f"max_tokens={n}: at most {limits.max_tokens}")
+        return n
+
+    # ---- OpenAI-compatible ---------------------------------------------------------------------
+
+    @app.get("/v1/models")
+    def list_models(key: Caller) -> dict:
+        items = [{"id": model_name, "object": "model", "created": 0, "owned_by": "memllm"}]
+        items += [{"id": f"{model_name}/{r.id}", "object": "model", "created": int(r.created), "owned_by": key.tenant}
+                  for r in store.list(key.tenant)]
+        return {"object": "list", "data": items}
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatRequest, key: Caller):
+        memory_id = memory_of(key, body.model, body.memory)
+        question = next((m.content for m in reversed(body.messages) if m.role == "user"), None)
+        if question is None:
+            raise HTTPException(400, "no user message to answer")
+        check_text(question)
+        n = max_new(body.max_completion_tokens or body.max_tokens)
+        if body.stream:
+            return _sse(worker, Stream(key.tenant, memory_id, question, n, emit=lambda _: None), body.model, chat=True)
+        answer = await run(Ask(key.tenant, memory_id, question, n))
+        if body.write_to_memory:
+            await run(Inject(key.tenant, memory_id, [f"{question}\n{answer}"], key.id))
+        return _completion(body.model, answer, chat=True)
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, key: Caller):
+        memory_id = memory_of(key, body.model, body.memory)
+        check_text(body.prompt)
+        n = max_new(body.max_tokens)
+        if body.stream:
+            return _sse(worker, Stream(key.tenant, memory_id, body.prompt, n, emit=lambda _: None, chat=False),
+                        body.model, chat=False)
+        answer = await run(Ask(key.tenant, memory_id, body.prompt, n, chat=False))
+        return _completion(body.model, answer, chat=False)
+
+    # ---- memories ------------------------------------------------------------------------------
+
+    @app.post("/v1/memories", status_code=201)
+    def create_memory(body: CreateMemory, key: Caller) -> dict:
+        return _record(store.create(key.tenant, model.new_memory(), name=body.name))
+
+    @app.get("/v1/memories")
+    def list_memories(key: Caller) -> dict:
+        return {"object": "list", "data": [_record(r) for r in store.list(key.tenant)]}
+
+    @app.get("/v1/memories/{memory_id}")
+    def get_memory(memory_id: str, key: Caller) -> dict:
+        record = store.get(key.tenant, memory_id)
+        memory, _ = store.load(key.tenant, memory_id)
+        return {**_record(record), "info": memory.info()}
+
+    @app.post("/v1/memories/{memory_id}/inject")
+    async def inject(memory_id: str, body: InjectRequest, key: Caller) -> dict:
+        texts = ([body.text] if body.text is not None else []) + list(body.texts or [])
+        if not texts:
+            raise HTTPException(400, "give `text` or `texts`")
+        if len(texts) > limits.max_batch_texts:
+            raise HTTPException(413, f"{len(texts)} texts: at most {limits.max_batch_texts} per request")
+        for text in texts:
+            check_text(text)
+        store.get(key.tenant, memory_id)
+        try:
+            version, ids = await run(Inject(key.tenant, memory_id, texts, key.id))
+        except ValueError as e:
+            raise HTTPException(400, str(e)) from e
+        return {"memory": memory_id, "version": version, "updates": ids}
+
+    @app.post("/v1/memories/{memory_id}/fork", status_code=201)
+    def fork(memory_id: str, body: ForkRequest, key: Caller) -> dict:
+        return _record(store.fork(key.tenant, memory_id, body.name))
+
+    @app.get("/v1/memories/{memory_id}/history")
+    def history(memory_id: str, key: Caller) -> dict:
+        return {"object": "list", "data": store.history(key.tenant, memory_id)}
+
+    @app.get("/v1/memories/{memory_id}/versions")
+    def list_versions(memory_id: str, key: Caller) -> dict:
+        return {"object": "list", "data": store.versions(key.tenant, memory_id)}
+
+    @app.post("/v1/memories/{memory_id}/versions/{version}/restore")
+    def restore(memory_id: str, version: int, key: Caller) -> dict:
+        store.restore(key.tenant, memory_id, version)
+        return _record(store.get(key.tenant, memory_id))
+
+    @app.get("/v1/memories/{memory_id}/export")
+    def export(memory_id: str, key: Caller, version: int | None = None) -> Response:
+        data = store.export(key.tenant, memory_id, version)
+        return Response(data, media_type="application/octet-stream",
+                        headers={"content-disposition": f'attachment; filename="{memory_id}.mem"'})
+
+    @app.post("/v1/memories/import", status_code=201)
+    async def import_memory(file: UploadFile, key: Caller, name: str = "") -> dict:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "upload.mem"
+            path.write_bytes(await file.read())
+            try:
+                memory = Memory.load(path)
+                model.check_memory(memory)
+            except (MemoryFileError, MemoryMismatchError) as e:
+                raise HTTPException(400, f"not a memory of this model: {e}") from e
+        return _record(store.create(key.tenant, memory, name=name[:200]))
+
+    @app.delete("/v1/memories/{memory_id}")
+    def delete(memory_id: str, key: Caller) -> dict:
+        store.delete(key.tenant, memory_id)
+        worker.cache.drop(memory_id)
+        return {"id": memory_id, "deleted": True}
+
+    return app
+
+
+# ---- response shapes ------------------------------------------------------------------------------
+
+
+def _error(message: str) -> dict:
+    return {"error": {"message": message, "type": "invalid_request_error"}, "detail": message}
+
+
+def _record(r: MemoryRecord) -> dict:
+    return {"id": r.id, "object": "memory", "name": r.name, "version": r.version, "updates": r.updates,
+            "created": int(r.created), "fingerprint": r.fingerprint}
+
+
+def _completion(model: str, text: str, chat: bool) -> dict:
+    choice: dict[str, Any] = {"index": 0, "finish_reason": "stop"}
+    if chat:
+        choice["message"] = {"role": "assistant", "content": text}
+    else:
+        choice.update(text=text, logprobs=None)
+    return {"id": ("chatcmpl-" if chat else "cmpl-") + secrets.token_hex(12),
+            "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
+            "model": model, "choices": [choice], "usage": None}
+
+
+def _sse(worker: Worker, job: Stream, model: str, chat: bool) -> StreamingResponse:
+    """Server-sent events as OpenAI streams them: one chunk per piece, a final chunk, then [DONE]."""
+    loop = asyncio.get_running_loop()
+    pieces: asyncio.Queue[str | None] = asyncio.Queue()
+    job.emit = lambda piece: loop.call_soon_threadsafe(pieces.put_nowait, piece)
+    future = worker.submit(job)
+    ident, created = ("chatcmpl-" if chat else "cmpl-") + secrets.token_hex(12), int(time.time())
+    kind = "chat.completion.chunk" if chat else "text_completion"
+
+    def chunk(piece: str | None, finish: str | None = None, role: bool = False) -> str:
+        if chat:
+            delta: dict[str, str] = {"role": "assistant"} if role else {}
+            if piece:
+                delta["content"] = piece
+            choice: dict[str, Any] = {"index": 0, "delta": delta, "finish_reason": finish}
+        else:
+            choice = {"index": 0, "text": piece or "", "finish_reason": finish, "logprobs": None}
+        return "data: " + json.dumps({"id": ident, "object": kind, "created": created, "model": model,
+                                      "choices": [choice]}) + "\n\n"
+
+    async def events():
+        if chat:
+            yield chunk(None, role=True)
+        while (piece := await pieces.get()) is not None:
+            if piece:
+                yield chunk(piece)
+        try:
+            await asyncio.wrap_future(future)
+        except Exception as e:  # the stream has begun: the error travels as an event
+            yield "data: " + json.dumps(_error(str(e))) + "\n\n"
+        else:
+            yield chunk(None, finish="stop")
+        yield "data: [DONE]\n\n"
+
+    return StreamingResponse(events(), media_type="text/event-stream")

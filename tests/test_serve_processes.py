@@ -1,0 +1,145 @@
+"""Server processes on one store: two at once lose no write; kill -9 at random points loses no
+acknowledged write and leaves no corrupt version."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+
+httpx = pytest.importorskip("httpx")
+pytest.importorskip("fastapi")
+
+import memllm  # noqa: E402
+from memllm.core.memory import Memory  # noqa: E402
+from memllm.serve.store import Store  # noqa: E402
+from memllm.serve.worker import seeded_drop  # noqa: E402
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(store_dir: str) -> tuple[subprocess.Popen, str]:
+    port = _free_port()
+    code = ("from memllm.serve.run import serve; "
+            f"serve('tiny-memoryllm', {store_dir!r}, port={port}, threads=1)")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited: {proc.stderr.read().decode()[-2000:]}")
+        try:
+            httpx.get(url + "/v1/models", timeout=1)
+            return proc, url
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    proc.kill()
+    raise RuntimeError("server did not start in 120 s")
+
+
+def note(i: int) -> str:
+    return f"Note {i}: the meeting room for team {i} is on floor {i % 7}, and Ga Rus booked it for {i % 5} hours."
+
+
+def test_two_server_processes_on_one_store_lose_no_write(tmp_path):
+    store = Store(str(tmp_path))
+    key = store.create_key("acme")
+    headers = {"authorization": f"Bearer {key}"}
+    servers = [start_server(str(tmp_path)) for _ in range(2)]
+    try:
+        mid = httpx.post(servers[0][1] + "/v1/memories", json={}, headers=headers).json()["id"]
+        n = 24
+
+        def inject(i: int) -> int:
+            url = servers[i % 2][1]
+            r = httpx.post(f"{url}/v1/memories/{mid}/inject", json={"text": note(i)}, headers=headers, timeout=300)
+            r.raise_for_status()
+            return r.json()["version"]
+
+        with ThreadPoolExecutor(8) as pool:
+            versions = list(pool.map(inject, range(n)))
+    finally:
+        for proc, _ in servers:
+            proc.kill()
+            proc.wait()
+    assert sorted(versions) == list(range(2, n + 2))  # every write got its own version, none lost
+    history = store.history("acme", mid)
+    assert sorted(h["text"] for h in history) == sorted(note(i) for i in range(n))
+    model = memllm.load("tiny-memoryllm")
+    replay = model.new_memory()
+    for h in sorted(history, key=lambda h: (h["version"], h["seq"])):
+        model.inject(replay, h["text"], drop=seeded_drop(model, h["id"]))
+    final, _ = store.load("acme", mid)
+    assert torch.equal(final.pool, replay.pool)
+
+
+def kill_trials(tmp_path, trials: int) -> None:
+    store_dir = str(tmp_path)
+    store = Store(store_dir)
+    key = store.create_key("acme")
+    headers = {"authorization": f"Bearer {key}"}
+    rng = random.Random(0)
+    acknowledged: dict[str, set[str]] = {}
+    memory_ids: list[str] = []
+    for trial in range(trials):
+        proc, url = start_server(store_dir)
+        if not memory_ids:
+            memory_ids.append(httpx.post(url + "/v1/memories", json={}, headers=headers).json()["id"])
+        mid = memory_ids[0]
+        stop = threading.Event()
+
+        def client(c: int) -> None:
+            i = 0
+            with httpx.Client(timeout=30) as http:
+                while not stop.is_set():
+                    try:
+                        r = http.post(f"{url}/v1/memories/{mid}/inject", json={"text": note(1000 * c + i)},
+                                      headers=headers)
+                    except httpx.HTTPError:
+                        return
+                    if r.status_code == 200:
+                        acknowledged.setdefault(mid, set()).update(r.json()["updates"])
+                    i += 1
+
+        threads = [threading.Thread(target=client, args=(c,)) for c in range(3)]
+        for t in threads:
+            t.start()
+        time.sleep(rng.uniform(0.3, 2.0))
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        stop.set()
+        for t in threads:
+            t.join()
+        # the store opens, every acknowledged update is there, every available version loads
+        reopened = Store(store_dir)
+        recorded = {h["id"] for h in reopened.history("acme", mid)}
+        assert acknowledged.get(mid, set()) <= recorded, f"trial {trial}: acknowledged updates missing"
+        current, _ = reopened.load("acme", mid)
+        assert current.num_updates == len(recorded)
+        for v in reopened.versions("acme", mid):
+            if v["available"]:
+                assert isinstance(reopened.load("acme", mid, v["version"])[0], Memory)
+    assert acknowledged.get(memory_ids[0]), "no injection was acknowledged in any trial"
+
+
+def test_kill_9_during_injections_loses_no_acknowledged_update(tmp_path):
+    kill_trials(tmp_path, trials=2)
+
+
+@pytest.mark.slow
+def test_kill_9_during_injections_100_trials(tmp_path):
+    kill_trials(tmp_path, trials=100)
