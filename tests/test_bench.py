@@ -1,4 +1,5 @@
-"""`memllm.bench.inference` on a tiny configuration: the result has every number, main() ends with a JSON line.
+"""`memllm bench` on a tiny configuration: the result has every number, the command ends with a JSON line;
+the one timer the benchmarks share.
 
 No timing assertions: these machines are shared and slow, the full benchmark is run by hand.
 """
@@ -9,8 +10,11 @@ import json
 
 import pytest
 import torch
+from typer.testing import CliRunner
 
 from memllm.bench import inference as bench
+from memllm.bench.timing import interleaved_medians, median
+from memllm.cli import app
 
 TINY = {
     "hidden_size": 64, "num_layers": 2, "num_heads": 4, "num_kv_heads": 2, "intermediate_size": 128, "vocab_size": 256,
@@ -36,24 +40,36 @@ def test_run_bench_returns_every_number():
     json.dumps(result)
 
 
-def test_main_prints_json_last_line(capsys):
-    argv = ["--repeats", "1", "--markdown", "--inject-rss-chars", "0"]
+def test_the_command_prints_json_last_line():
+    argv = ["bench", "--repeats", "1", "--markdown", "--inject-rss-chars", "0"]
     for name, value in TINY.items():
         argv += ["--" + name.replace("_", "-"), str(value)]
-    bench.main(argv)
-    lines = capsys.readouterr().out.strip().splitlines()
+    r = CliRunner().invoke(app, argv)
+    assert r.exit_code == 0, r.output
+    lines = r.stdout.strip().splitlines()
     last = json.loads(lines[-1])
     for key in ("ttft_speedup_reused_prefix", "generate_32_s", "inject_512_s", "config", "torch", "transformers"):
         assert key in last
-    assert any("authors" in line for line in lines[:-1])  # the side-by-side table came first
-
-
-def test_authors_repo_is_refused():
-    with pytest.raises(NotImplementedError):
-        bench.run_bench(repeats=1, authors_repo="/nonexistent", **TINY)
+    assert last["config"]["intermediate_size"] == 128 and last["repeats"] == 1
+    assert any(line.startswith("| measurement") for line in lines[:-1])  # --markdown: the table as Markdown too
+    assert CliRunner().invoke(app, ["bench", "--repeats", "0"]).exit_code == 2
 
 
 def test_inject_rss_line_measures_a_fresh_process_without_a_graph():
     r = bench.inject_rss(chars=3000, threads=1)
     assert r["inject_long_updates"] >= 1 and r["inject_long_pool_has_graph"] is False
     assert r["inject_long_peak_rss_mb"] > 0 and r["inject_long_rss_growth_mb"] >= 0
+
+
+def test_the_timer_interleaves_the_cases_and_skips_the_warm_up_round():
+    calls: list[str] = []
+    cases = {name: (lambda name=name: calls.append("setup " + name), lambda name=name: calls.append(name))
+             for name in ("a", "b", "c")}
+    medians = interleaved_medians(cases, repeats=2)
+    runs = [c for c in calls if not c.startswith("setup")]
+    assert runs == ["a", "b", "c", "c", "b", "a", "a", "b", "c"]  # warm-up, then every other round reversed
+    assert calls[:2] == ["setup a", "a"] and calls.count("setup b") == 3  # each call after its own setup
+    assert set(medians) == {"a", "b", "c"} and all(0 <= m < 1 for m in medians.values())
+    assert median([3.0, 1.0, 2.0]) == 2.0 and median([4.0, 1.0, 3.0, 2.0]) == 2.5
+    with pytest.raises(ValueError):
+        interleaved_medians(cases, repeats=0)

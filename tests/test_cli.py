@@ -1,15 +1,19 @@
-"""The command line as a user drives it: init, memory new/info/fork, inject (arg, file, stdin), ask, chat."""
+"""The command line as a user drives it: init, memory new/info/fork, inject (arg, file, stdin), ask, chat;
+commands whose options are a dataclass's fields (train, recipe tiny, bench)."""
 
 from __future__ import annotations
 
+import json
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 import torch
+import typer
 from typer.testing import CliRunner
 
 import memllm
-from memllm.cli import app
+from memllm.cli import app, dataclass_command, option_parameter
 from memllm.core.tiny import random_model
 
 runner = CliRunner()
@@ -81,8 +85,6 @@ def test_init_from_base(tmp_path: Path) -> None:
 
 
 def test_shipped_models_load_by_name_and_eval_retention_defaults_to_them(tmp_path: Path) -> None:
-    import json
-
     for name, kind in (("tiny-memoryllm", "memoryllm"), ("tiny-mplus", "mplus")):
         model = memllm.load(name)
         assert model.config.kind == kind and model.tokenizer is not None and model.initialized
@@ -102,10 +104,74 @@ def test_a_missing_shipped_model_is_a_clear_error(monkeypatch, tmp_path: Path) -
 
 
 def test_bench_passes_its_options_through_and_ends_with_json() -> None:
-    import json
-
     r = run("bench", "--repeats", "1", "--hidden-size", "64", "--num-layers", "2", "--vocab-size", "256",
             "--num-blocks", "2", "--num-tokens", "16", "--context-tokens", "32")
     assert r.exit_code == 0, r.output
     result = json.loads(r.stdout.strip().splitlines()[-1])
     assert result["config"]["hidden_size"] == 64 and result["inject_512_s"] > 0
+
+
+@dataclass
+class Knobs:
+    name: str = field(metadata={"help": "what to call the run"})
+    steps: int = field(default=3, metadata={"help": "how many steps to take"})
+    rate: float | None = field(default=None, metadata={"help": "a rate, or none at all"})
+    tags: list[str] = field(default_factory=list, metadata={"help": "labels, one option per label"})
+    fast: bool = field(default=True, metadata={"help": "skip the slow checks"})
+    mode: str = field(default="plain", metadata={"help": "how to run", "choices": ("plain", "fancy")})
+    bare: int = 7  # no metadata: an option without help
+
+
+def knobs_app(seen: list) -> typer.Typer:
+    knobs = typer.Typer()
+    out = option_parameter("out", Path, Path("."), "where to")
+    knobs.command()(dataclass_command(Knobs, lambda config, out: seen.append((config, out)), extra=[out]))
+    return knobs
+
+
+def test_a_dataclass_becomes_a_command_with_its_help_types_and_defaults() -> None:
+    seen: list = []
+    knobs = knobs_app(seen)
+    shown = runner.invoke(knobs, ["--help"])
+    assert shown.exit_code == 0, shown.output
+    flat = " ".join(shown.output.replace("│", " ").split())  # the help as one line, without its box
+    for text in ("what to call the run", "how many steps to take", "labels, one option per label", "--no-fast",
+                 "--bare", "plain|fancy", "where to", "[default: 3]", "[default: plain]"):
+        assert text in flat, text
+    assert runner.invoke(knobs, ["--name", "a"]).exit_code == 0
+    assert seen.pop() == (Knobs(name="a"), Path("."))  # every default kept
+    r = runner.invoke(knobs, ["--name", "b", "--steps", "5", "--rate", "0.5", "--tags", "x", "--tags", "y",
+                              "--no-fast", "--mode", "fancy", "--bare", "9", "--out", "there"])
+    assert r.exit_code == 0, r.output
+    config, out = seen.pop()
+    assert (config, out) == (Knobs("b", 5, 0.5, ["x", "y"], False, "fancy", 9), Path("there"))
+    assert type(config.mode) is str  # the plain value, not the Enum typer offers the choices as
+    for bad in (["--steps", "5"], ["--name", "c", "--steps", "many"], ["--name", "c", "--mode", "odd"]):
+        assert runner.invoke(knobs, bad).exit_code == 2, bad
+    assert not seen
+
+
+def test_train_and_recipe_tiny_build_their_configs_from_the_options(monkeypatch, tmp_path: Path) -> None:
+    from memllm.recipes import tiny
+    from memllm.train import trainer
+
+    configs: list = []
+    monkeypatch.setattr(trainer, "train", lambda config: configs.append(config) or {"steps": config.steps})
+    r = run("train", "--model", "m", "--data", "a.txt", "--data", "b.txt", "--out", str(tmp_path), "--steps", "3",
+            "--no-resume", "--mixed-precision", "bf16", "--dropout", "0")
+    assert r.exit_code == 0, r.output
+    assert configs == [trainer.TrainConfig(model="m", data=["a.txt", "b.txt"], out=str(tmp_path), steps=3,
+                                           resume=False, mixed_precision="bf16", dropout=0.0)]
+    assert json.loads(r.stdout.strip().splitlines()[-1]) == {"steps": 3}
+    assert run("train", "--model", "m", "--data", "a", "--out", "o", "--mixed-precision", "fp8").exit_code == 2
+    assert run("train", "--data", "a", "--out", "o").exit_code == 2  # --model is required
+    assert "--batch-size" in run("train", "--help").output
+
+    recipes: list = []
+    monkeypatch.setattr(tiny, "run", lambda recipe, out: recipes.append((recipe, out)))
+    r = run("recipe", "tiny", "--out", str(tmp_path), "--kind", "memoryllm", "--stage1-steps", "5", "--lr", "0.01")
+    assert r.exit_code == 0, r.output
+    assert recipes == [(tiny.Recipe(kind="memoryllm", stage1_steps=5, lr=0.01), tmp_path)]
+    assert run("recipe", "tiny", "--out", str(tmp_path), "--kind", "neither").exit_code == 2
+    assert run("recipe", "tiny").exit_code == 2  # --out is required
+    assert len(recipes) == 1 and len(configs) == 1

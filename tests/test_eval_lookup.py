@@ -18,8 +18,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from memllm.eval import retention as evaluate
 from memllm.core.tiny import random_model
+from memllm.eval import retention as evaluate
+from memllm.eval.common import stm_capacity, world_for
+from memllm.eval.integrity import integrity
 from memllm.synthetic.world import _HELDOUT_QUESTIONS, _QUESTIONS, ABSTAIN, World, WorldConfig
 
 WORLD = World(WorldConfig(first_name_syllables=(1, 1), last_name_syllables=(1, 2)))
@@ -205,7 +207,7 @@ def test_provenance_names_the_injection_of_every_row(mplus):
 
     rng = random.Random(0)
     memory, provenance = mplus.new_memory(), evaluate.Provenance()
-    K, N = evaluate.stm_capacity(mplus)
+    K, N = stm_capacity(mplus)
     texts = [WORLD.distractor(rng)[:60] for _ in range(9)]  # 60 bytes: several updates each (chunks of 2K)
     updates = [provenance.inject(mplus, memory, text, i) for i, text in enumerate(texts)]
     assert min(updates) > 1
@@ -224,7 +226,7 @@ def test_retrieval_precision_matches_a_direct_comparison_of_rows(mplus):
 
     rng = random.Random(1)
     memory, provenance = mplus.new_memory(), evaluate.Provenance()
-    K, _ = evaluate.stm_capacity(mplus)
+    K, _ = stm_capacity(mplus)
     people = WORLD.heldout_people(10, seed=2)
     written = []
     for i, person in enumerate(people):
@@ -262,15 +264,15 @@ def test_a_checkpoint_is_evaluated_on_the_world_its_recipe_names(tmp_path):
     from memllm.core.checkpoint import save
 
     path = save(random_model(), tmp_path / "ckpt")
-    assert evaluate.world_for(path, world_seed=3).config == WorldConfig(seed=3)
+    assert world_for(path, world_seed=3).config == WorldConfig(seed=3)
     (path / "recipe.json").write_text(json.dumps({"recipe": {}, "world": dataclasses.asdict(WORLD.config)}))
-    world = evaluate.world_for(path, world_seed=3)
+    world = world_for(path, world_seed=3)
     assert world.config == WORLD.config and world.config.first_name_syllables == (1, 1)
 
 
 def test_integrity_counts_non_finite_rows_and_measures_recall():
     model = random_model(num_layers=2, hidden_size=32, num_heads=2, num_kv_heads=2, intermediate_size=64)
-    r = evaluate.integrity(model, WORLD, updates=50, points=5, recall_people=2, texts=16)
+    r = integrity(model, WORLD, updates=50, points=5, recall_people=2, texts=16)
     assert r["nan_count"] == 0 and r["updates_per_s"] > 0
     # checkpoints at 0, 1, 10, 20, ..., 50 updates or just past (a long text is several updates)
     marks = [c["update"] for c in r["checkpoints"]]
@@ -292,7 +294,7 @@ def test_integrity_counts_non_finite_rows_and_measures_recall():
         return inject(memory, context, progress=write_nan, **kw)
 
     model.inject = poisoned
-    r = evaluate.integrity(model, WORLD, updates=1, points=1, recall_people=1, texts=4)
+    r = integrity(model, WORLD, updates=1, points=1, recall_people=1, texts=4)
     # at least the one NaN of each update (later chunks of a text read it and spread it)
     assert r["nan_count"] >= r["updates"] >= 1 and r["checkpoints"][-1]["nonfinite_in_pool"] >= 1
 
@@ -313,14 +315,18 @@ def test_eval_integrity_command_ends_with_json(tmp_path):
     assert (tmp_path / "i.png").stat().st_size > 10_000
 
 
-def test_eval_commands_fail_with_one_line_errors(tmp_path, capsys):
-    for argv in (["retention", str(tmp_path / "missing")], ["integrity", str(tmp_path / "missing")],
-                 ["retention", "--panels", "people,typo"]):
-        with pytest.raises(SystemExit) as e:
-            evaluate.main(argv)
-        assert e.value.code in (1, 2)
-        err = capsys.readouterr().err.strip().splitlines()
-        assert err[-1].startswith("error:") and "Traceback" not in "\n".join(err)
+def test_eval_commands_fail_with_one_line_errors(tmp_path):
+    from typer.testing import CliRunner
+
+    from memllm.cli import app
+
+    for argv, code in ((["retention", str(tmp_path / "missing")], 1), (["integrity", str(tmp_path / "missing")], 1),
+                       (["retention", "--panels", "people,typo"], 2), (["retention", "--counts", "1,x"], 2),
+                       (["integrity", "--updates", "0"], 2)):
+        r = CliRunner().invoke(app, ["eval", *argv])
+        assert r.exit_code == code, (argv, r.output)
+        err = r.stderr.strip().splitlines()
+        assert err[-1].startswith("error:") and "Traceback" not in r.output, (argv, r.output)
 
 
 def test_the_demo_puts_everyone_in_one_memory_and_asks_a_stranger(tmp_path):

@@ -8,24 +8,25 @@ import math
 import pytest
 import torch
 
-from memllm.eval import retention as evaluate
 from memllm.core.tiny import random_model
+from memllm.eval import retention as evaluate
+from memllm.eval.common import first_word, wilson
 from memllm.synthetic.world import World
 
 
 def test_wilson():
-    assert evaluate.wilson(0, 0) == (0.0, 1.0)
-    lo, hi = evaluate.wilson(0, 10)
+    assert wilson(0, 0) == (0.0, 1.0)
+    lo, hi = wilson(0, 10)
     assert lo == 0.0 and 0.2 < hi < 0.35
-    lo, hi = evaluate.wilson(10, 10)
+    lo, hi = wilson(10, 10)
     assert 0.65 < lo < 0.8 and hi == pytest.approx(1.0)
-    lo, hi = evaluate.wilson(50, 100)
+    lo, hi = wilson(50, 100)
     assert lo == pytest.approx(0.4038, abs=1e-3) and hi == pytest.approx(0.5962, abs=1e-3)
 
 
 def test_first_word():
-    assert evaluate.first_word(" Zorora. born") == "Zorora"
-    assert evaluate.first_word("  ") == ""
+    assert first_word(" Zorora. born") == "Zorora"
+    assert first_word("  ") == ""
 
 
 @pytest.fixture(scope="module")
@@ -76,15 +77,20 @@ def test_compare_two_models_table_plot_and_gain(models, tmp_path, capsys):
     json.dumps(s)  # the last-line JSON
 
 
-def test_main_on_a_saved_checkpoint(models, tmp_path, capsys):
+def test_eval_retention_command_on_a_saved_checkpoint(models, tmp_path):
+    from typer.testing import CliRunner
+
+    from memllm.cli import app
     from memllm.core.checkpoint import save
 
     path = save(models["memoryllm"], tmp_path / "ckpt")
-    out = evaluate.main([str(path), "--n-people", "1", "--counts", "0", "--ks", "2", "--before", "1",
-                         "--plot", str(tmp_path / "p.png")])
-    last = capsys.readouterr().out.strip().splitlines()[-1]
-    summary = json.loads(last)
-    assert summary["acc_at_0"] == out["summary"]["acc_at_0"] and "floor" in summary
+    r = CliRunner().invoke(app, ["eval", "retention", str(path), "--n-people", "1", "--counts", "0", "--ks", "2",
+                                 "--before", "1", "--plot", str(tmp_path / "p.png")])
+    assert r.exit_code == 0, r.output
+    summary = json.loads(r.stdout.strip().splitlines()[-1])
+    out = evaluate.evaluate_retention([str(path)], n_people=1, distractor_counts=(0,), ks=(2,), befores=(1,),
+                                      plot=tmp_path / "q.png")
+    assert summary == json.loads(json.dumps(out["summary"])) | {"plot": str(tmp_path / "p.png")}
     assert {"memoryllm_k2_mean", "memoryllm_before1", "memoryllm_stranger_abstain_rate",
             "memoryllm_heldout_template_ratio"} <= set(summary)
 

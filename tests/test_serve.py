@@ -275,3 +275,24 @@ def test_the_openai_client_works_against_a_live_server(model, store):
         server.should_exit = True
         thread.join(timeout=10)
         app.state.worker.close()
+
+
+def test_keys_from_the_command_line(tmp_path):
+    from typer.testing import CliRunner
+
+    from memllm.cli import app
+
+    runner = CliRunner()
+    made = runner.invoke(app, ["serve", "keys", "create", "--store", str(tmp_path), "--tenant", "acme"])
+    assert made.exit_code == 0, made.output
+    key = made.stdout.strip()
+    store = Store(str(tmp_path))
+    assert store.authenticate(key).tenant == "acme"
+    listed = runner.invoke(app, ["serve", "keys", "list", "--store", str(tmp_path)])
+    key_id = key.split("-")[1]
+    assert key_id in listed.stdout and key.split("-", 2)[2] not in listed.stdout
+    assert runner.invoke(app, ["serve", "keys", "revoke", key_id, "--store", str(tmp_path)]).exit_code == 0
+    assert store.authenticate(key) is None
+    both = runner.invoke(app, ["serve", "keys", "create", "--store", str(tmp_path), "--tenant", "a", "--admin"])
+    assert both.exit_code == 2 and "--tenant" in both.output
+    assert runner.invoke(app, ["serve"]).exit_code == 2  # no --store

@@ -1,20 +1,28 @@
-"""`memllm` on the command line: inject, ask, chat, memory {new,info,fork}, init, demo, bench.
+"""`memllm` on the command line: inject, ask, chat, memory {new,info,fork}, init, demo, train, recipe tiny,
+eval {retention,integrity}, bench [ltm, serve, train-step], serve [keys {create,list,revoke}].
 
 A model is a checkpoint directory or hub id (`--model`); a memory is a file (`--memory`). Commands
 that change a memory hold its lock from load to save and write it back atomically, so concurrent
 commands all apply and an interrupted one leaves the old version. torch and transformers are imported
-inside the commands, so `memllm --help` starts in a fraction of a second.
+inside the commands, and the commands whose options come from modules that import torch (train,
+recipe tiny, eval, bench) are built only when they run, so `memllm --help` starts in a fraction of a second.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import enum
+import inspect
+import json
 import sys
+import typing
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
+import click
 import typer
 from rich.console import Console
 from rich.markup import escape
@@ -26,11 +34,40 @@ from rich.progress import (
     TimeElapsedColumn,
 )
 from rich.table import Table
+from typer.core import TyperGroup
+
+
+class _DeferredGroup(TyperGroup):
+    """A group some of whose commands are built only when they run (or their --help is asked for):
+    `train`, `recipe tiny`, `eval` and `bench` take their options and defaults from modules that
+    import torch, and `memllm --help` must not. Such a command is a stub (`_defer`) that lists it;
+    resolving its name swaps in what its builder makes."""
+
+    def resolve_command(self, ctx: click.Context, args: list[str]):
+        name, command, rest = super().resolve_command(ctx, args)
+        build = getattr(getattr(command, "callback", None), "build", None)
+        if build is not None:
+            command = typer.main.get_command(build())
+        return name, command, rest
+
+
+def _defer(parent: typer.Typer, name: str, summary: str, build: Callable[[], typer.Typer]) -> None:
+    """List `name` in `parent` (a `_DeferredGroup`) with `summary`; `build` makes the real command(s)."""
+
+    def stub() -> None:
+        """Replaced by what `build` makes before it could run."""
+
+    stub.build = build  # type: ignore[attr-defined]
+    parent.command(name, help=summary)(stub)
+
 
 app = typer.Typer(help="Self-updatable language models: write text into a model's memory, ask about it later.",
-                  no_args_is_help=True, pretty_exceptions_enable=False)
+                  no_args_is_help=True, pretty_exceptions_enable=False, cls=_DeferredGroup)
 memory_app = typer.Typer(help="Create, inspect and fork memories.", no_args_is_help=True)
 app.add_typer(memory_app, name="memory")
+recipe_app = typer.Typer(help="Recipes that produce the models memllm ships.", no_args_is_help=True,
+                         cls=_DeferredGroup)
+app.add_typer(recipe_app, name="recipe")
 
 console = Console(stderr=True)
 out = Console()
@@ -435,46 +472,332 @@ def demo(
     run_demo(out, workdir)
 
 
-PASS_THROUGH = {"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []}
+# ---- commands whose options come from modules that import torch -----------------------------------
 
 
-@app.command(context_settings=PASS_THROUGH)
-def bench(ctx: typer.Context) -> None:
-    """Benchmarks. `memllm bench [OPTIONS]`: core speed (time to first token with the prefix reused vs
-    recomputed, 32 tokens, a 512-token injection; options of `python -m memllm.bench.inference --help`).
-    `memllm bench ltm [SIZES]`: long-term memory retrieval, dense scan vs index."""
-    args = list(ctx.args)
-    if args[:1] == ["ltm"]:
-        from memllm.bench.ltm import main as ltm_main
+def dataclass_command(
+    cls: type,
+    run: Callable[..., object],
+    extra: Sequence[inspect.Parameter] = (),
+    choices: Mapping[str, Sequence[str]] | None = None,
+    doc: str | None = None,
+) -> Callable[..., object]:
+    """A function for `Typer.command()` (or `.callback()`) whose options are the fields of the dataclass
+    `cls`, so a config and its command line cannot drift apart: `--kebab-case` per field, its type and
+    default (a field without one is a required option, a list one given once per value), help from
+    `field.metadata["help"]`, allowed values from `choices` or `field.metadata["choices"]`; then the
+    `extra` parameters. It calls `run(cls(**fields), **extras)`. Typer reads the function's
+    `__signature__`, which is built here."""
+    hints = typing.get_type_hints(cls)
+    params: list[inspect.Parameter] = []
+    for f in dataclasses.fields(cls):
+        if not f.init:
+            continue
+        if f.default is not dataclasses.MISSING:
+            default = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
+        else:
+            default = ...
+        annotation = hints[f.name]
+        allowed = (choices or {}).get(f.name) or f.metadata.get("choices")
+        if allowed:  # typer offers a fixed set of values as an Enum; run() gets the plain value
+            annotation = enum.Enum(f.name, {str(c): str(c) for c in allowed}, type=str)
+            default = default if default is ... else annotation(default)
+        params.append(option_parameter(f.name, annotation, default, f.metadata.get("help", "")))
+    extra_names = [p.name for p in extra]
 
-        ltm_main(args[1:])
-    else:
-        from memllm.bench.inference import main as bench_main
+    def command(**values: Any) -> object:
+        extras = {name: values.pop(name) for name in extra_names}
+        fields = {k: v.value if isinstance(v, enum.Enum) else v for k, v in values.items()}
+        return run(cls(**fields), **extras)
 
-        bench_main(args)
-
-
-@app.command("eval", context_settings=PASS_THROUGH)
-def evaluate(ctx: typer.Context) -> None:
-    """Evaluations. `memllm eval retention [CHECKPOINT...] [OPTIONS]`: people at random positions among
-    k in one memory, text before, strangers, held-out wordings, n distractors after; accuracies with 95%
-    CIs (options: `memllm eval retention --help`). `memllm eval integrity [CHECKPOINT] [--updates N]`:
-    many updates into one memory. No checkpoint: the shipped tiny models."""
-    args = list(ctx.args)
-    if args[:1] not in (["retention"], ["integrity"]):
-        _fail("usage: memllm eval retention|integrity [CHECKPOINT...] [OPTIONS]")
-    from memllm.eval.retention import main as evaluate_main
-
-    evaluate_main(args)
+    command.__signature__ = inspect.Signature([*params, *extra])  # type: ignore[attr-defined]
+    command.__doc__ = doc if doc is not None else inspect.getdoc(cls)
+    command.__name__ = command.__qualname__ = cls.__name__.lower()
+    return command
 
 
-@app.command(context_settings=PASS_THROUGH)
-def train(ctx: typer.Context) -> None:
-    """Train a memory model to use its memory (accelerate-native: run under `accelerate launch` for
-    several processes). Options are those of `python -m memllm.train.trainer --help`."""
-    from memllm.train.trainer import main as train_main
+def option_parameter(name: str, annotation: Any, default: Any, help: str = "") -> inspect.Parameter:
+    """A keyword parameter that typer reads as the option `--kebab-name` (`--name/--no-name` for a bool)."""
+    flag = "--" + name.replace("_", "-")
+    if annotation is bool:
+        flag += "/--no-" + name.replace("_", "-")
+    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation,
+                             default=typer.Option(default, flag, help=help))
 
-    train_main(ctx.args)
+
+def _echo_json(result: dict) -> None:
+    """The last line of a measuring command: every number, as one JSON object."""
+    sys.stdout.flush()
+    typer.echo(json.dumps(result))
+
+
+def _train_app() -> typer.Typer:
+    """`memllm train`: `TrainConfig`'s fields as options."""
+    from memllm.train.trainer import TrainConfig, train
+
+    def run(config: TrainConfig) -> None:
+        _echo_json(train(config))
+
+    built = typer.Typer(add_completion=False)
+    built.command()(dataclass_command(
+        TrainConfig, run,
+        doc="Train a memory model to use its memory: the options are the fields of "
+            "`memllm.train.trainer.TrainConfig`. Run under `accelerate launch -m memllm train ...` for several "
+            "processes. Prints the result as JSON."))
+    return built
+
+
+def _recipe_tiny_app() -> typer.Typer:
+    """`memllm recipe tiny`: `Recipe`'s fields as options, and --out."""
+    from memllm.recipes.tiny import Recipe, run
+
+    built = typer.Typer(add_completion=False)
+    built.command()(dataclass_command(
+        Recipe, run, choices={"kind": ("memoryllm", "mplus", "both")},
+        extra=[option_parameter("out", Path, ..., "output directory (kind both: OUT/memoryllm and OUT/mplus)")],
+        doc="Train the tiny MemoryLLM and M+ models from scratch on CPU (seeded; the defaults are the shipped "
+            "recipe): kind memoryllm, stages 1-2; mplus, stage 3 from --init; both, the shipped pair."))
+    return built
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    """`--counts 0,1,2` and friends."""
+    try:
+        return tuple(int(c) for c in text.split(",") if c.strip())
+    except ValueError:
+        _fail(f"not a comma-separated list of integers: {text!r}", 2)
+
+
+def _eval_app() -> typer.Typer:
+    """`memllm eval retention|integrity`, defaults from `memllm.eval.retention`."""
+    from memllm.eval.retention import BEFORE, DEFAULT_COUNTS, ONE_THEN, PANELS, SHIPPED
+
+    def csv(values: Sequence) -> str:
+        return ",".join(map(str, values))
+
+    built = typer.Typer(help="Evaluations of memory models on held-out people of a synthetic world.",
+                        no_args_is_help=True, add_completion=False)
+
+    @built.command("retention")
+    def retention(
+        checkpoints: list[str] = typer.Argument(list(SHIPPED), help="checkpoint dirs or shipped names (named by "
+                                                "their config kind); default: the shipped tiny MemoryLLM and M+"),
+        n_people: int = typer.Option(50, help="held-out people asked per cell"),
+        counts: str = typer.Option(csv(DEFAULT_COUNTS),
+                                   help="single panel: distractor counts (3 N / K is always added)"),
+        ks: str = typer.Option("", help="people per memory (default: 1, 4, N/K, and 4 N/K for M+)"),
+        before: str = typer.Option(csv(BEFORE), help="distractor texts before the person"),
+        one_then: int = typer.Option(ONE_THEN, help="M+: biographies after the person asked"),
+        panels: str = typer.Option(csv(PANELS), help=f"which panels, of {csv(PANELS)}"),
+        seed: int = typer.Option(0, help="held-out people, text draws and memory drops"),
+        world_seed: int = typer.Option(0, help="the world the models were trained on, when recipe.json does not say"),
+        plot: str = typer.Option("retention.png", help="where to write the figure"),
+        threads: int = typer.Option(2, help="torch threads"),
+    ) -> None:
+        """People at random positions among k in one memory, text before, strangers, held-out wordings, n
+        distractors after: accuracies with 95% CIs, a figure, and every number as JSON on the last line."""
+        from memllm.core.checkpoint import CheckpointError
+        from memllm.eval.retention import evaluate_retention
+
+        chosen = tuple(p.strip() for p in panels.split(",") if p.strip())
+        if unknown := set(chosen) - set(PANELS):
+            _fail(f"unknown panel(s) {', '.join(sorted(unknown))}; choose from {', '.join(PANELS)}", 2)
+        if n_people < 1:
+            _fail("--n-people must be at least 1", 2)
+        try:
+            result = evaluate_retention(checkpoints, n_people=n_people, distractor_counts=_ints(counts),
+                                        ks=_ints(ks) or None, befores=_ints(before), one_then=one_then, panels=chosen,
+                                        seed=seed, world_seed=world_seed, plot=plot, threads=threads)
+        except (CheckpointError, OSError) as e:
+            _fail(str(e))
+        _echo_json(result["summary"])
+
+    @built.command("integrity")
+    def integrity(
+        checkpoint: str = typer.Argument(SHIPPED[0], help="checkpoint dir or shipped name"),
+        updates: int = typer.Option(100_000, help="memory updates into the one memory"),
+        points: int = typer.Option(20, help="evenly spaced checkpoints (plus 0 and powers of 10)"),
+        recall_people: int = typer.Option(50, help="held-out people asked at each checkpoint"),
+        seed: int = typer.Option(0),
+        world_seed: int = typer.Option(0, help="the world the model was trained on, when recipe.json does not say"),
+        plot: str = typer.Option("integrity.png", help="where to write the figure (empty: none)"),
+        threads: int = typer.Option(2, help="torch threads"),
+    ) -> None:
+        """Many updates into one memory: non-finite values, pool row norms, recall start vs end. An M+
+        memory keeps every dropped row in long-term memory (K rows per layer per update)."""
+        from memllm.core.checkpoint import CheckpointError
+        from memllm.eval.integrity import evaluate_integrity
+
+        if updates < 1 or recall_people < 1:
+            _fail("--updates and --recall-people must be at least 1", 2)
+        try:
+            result = evaluate_integrity(checkpoint, updates=updates, points=points, recall_people=recall_people,
+                                        seed=seed, world_seed=world_seed, plot=plot, threads=threads)
+        except (CheckpointError, OSError) as e:
+            _fail(str(e))
+        _echo_json({k: v for k, v in result.items() if k != "checkpoints"} | {"plot": plot or None})
+
+    return built
+
+
+def _bench_app() -> typer.Typer:
+    """`memllm bench` (`BenchConfig`'s fields as options), `bench ltm`, `bench train-step`."""
+    from memllm.bench.inference import BenchConfig, bench_inference
+    from memllm.bench.ltm import SIZES
+
+    def run(config: BenchConfig, ctx: typer.Context, repeats: int, threads: int, seed: int, markdown: bool,
+            inject_rss_chars: int) -> None:
+        if ctx.invoked_subcommand is None:
+            if repeats < 1:
+                _fail("--repeats must be at least 1", 2)
+            _echo_json(bench_inference(repeats, threads, seed, config, inject_rss_chars, markdown))
+
+    built = typer.Typer(add_completion=False)
+    built.callback(invoke_without_command=True)(dataclass_command(BenchConfig, run, extra=[
+        inspect.Parameter("ctx", inspect.Parameter.KEYWORD_ONLY, annotation=typer.Context),
+        option_parameter("repeats", int, 5, "timed rounds (medians; one warm-up round before)"),
+        option_parameter("threads", int, 2, "torch threads"),
+        option_parameter("seed", int, 0, "random weights and inputs"),
+        option_parameter("markdown", bool, False, "also print the table as Markdown"),
+        option_parameter("inject_rss_chars", int, 200_000,
+                         "characters injected into tiny-memoryllm for the peak-RSS line (0: skip)"),
+    ], doc="Benchmarks. Without a command: core speed on the configuration the authors' code was timed on "
+           "(time to first token with the memory prefix reused vs recomputed, 32 tokens, a 512-token injection; the "
+           "sizes are the options) and the peak RSS of a long injection; every number as JSON on the last line."))
+
+    @built.command("ltm")
+    def ltm(sizes: list[int] = typer.Argument(list(SIZES), help="long-term vectors per layer")) -> None:
+        """Long-term memory retrieval, dense scan vs index, one layer per size; JSON on the last line."""
+        from memllm.bench.ltm import bench_ltm
+
+        _echo_json(bench_ltm(tuple(sizes)))
+
+    @built.command("serve")
+    def serve_bench(
+        model: str = typer.Option("tiny-memoryllm", help="checkpoint directory or shipped name"),
+        clients: str = typer.Option("1,4,16,64", help="concurrent clients per cell"),
+        memories: str = typer.Option("1,8,64", help="memories the clients' requests spread over"),
+        requests: int = typer.Option(4, help="requests per client per cell (injections: half)"),
+        max_new_tokens: int = typer.Option(4, help="tokens per answer"),
+        threads: int = typer.Option(1, help="torch threads of the server process"),
+    ) -> None:
+        """The server on loopback (its own process): asks/s and p50/p95 latency of asks and injections, batched
+        against one question at a time, per (clients, memories) cell; JSON on the last line with
+        `batched_speedup_16_clients_8_memories`."""
+        from memllm.bench.serve import run_bench_serve
+
+        result = run_bench_serve(model, clients=_ints(clients), memories=_ints(memories), requests_per_client=requests,
+                                 max_new_tokens=max_new_tokens, threads=threads, report=console.print)
+        _echo_json(result)
+
+    @built.command("train-step")
+    def train_step() -> None:
+        """One memory-training step (inject with gradient, predict from memory, backward) against a plain LM
+        step on the same tokens; JSON."""
+        from memllm.train.trainer import bench_train_step
+
+        _echo_json(bench_train_step())
+
+    return built
+
+
+_defer(app, "train", "Train a memory model to use its memory (accelerate-native: `accelerate launch -m memllm "
+       "train ...` for several processes); options: `memllm train --help`.", _train_app)
+_defer(app, "eval", "Evaluations: `retention` (people among k in one memory, text before, strangers, held-out "
+       "wordings, distractors after; 95% CIs) and `integrity` (many updates into one memory). Default: the "
+       "shipped tiny models.", _eval_app)
+_defer(app, "bench", "Benchmarks: core speed (`memllm bench`), long-term memory retrieval (`memllm bench ltm`), "
+       "a training step (`memllm bench train-step`).", _bench_app)
+_defer(recipe_app, "tiny", "Train the tiny MemoryLLM and M+ models that memllm ships, from scratch on CPU.",
+       _recipe_tiny_app)
+
+
+# ---- memllm serve ---------------------------------------------------------------------------------
+
+serve_app = typer.Typer(help="Serve memories over an OpenAI-compatible HTTP API (docs/serve.md); `serve keys` "
+                             "manages API keys.", invoke_without_command=True)
+app.add_typer(serve_app, name="serve")
+keys_app = typer.Typer(help="API keys of a store: create, list, revoke.", no_args_is_help=True)
+serve_app.add_typer(keys_app, name="keys")
+StoreOpt = typer.Option(..., "--store", help="where memories live: a directory or an fsspec URL (s3://...)")
+CatalogueOpt = typer.Option(None, help="SQLAlchemy URL of the catalogue (default: SQLite in the store directory)")
+
+
+@serve_app.callback()
+def serve(
+    ctx: typer.Context,
+    model: str = typer.Option("tiny-memoryllm", "--model", "-m", help="checkpoint directory or shipped name"),
+    store: Optional[str] = typer.Option(None, help="where memories live: a directory or an fsspec URL"),
+    catalogue: Optional[str] = CatalogueOpt,
+    host: str = typer.Option("127.0.0.1"),
+    port: int = typer.Option(8000),
+    max_batch: int = typer.Option(64, help="queued questions answered together (1: one at a time)"),
+    retention: int = typer.Option(20, help="versions per memory whose files are kept"),
+    keep_texts: bool = typer.Option(True, "--keep-texts/--no-keep-texts", help="keep injected texts in the history"),
+    threads: Optional[int] = typer.Option(None, help="torch threads"),
+) -> None:
+    """Start the server: `memllm serve --store DIR` (create a key first: `memllm serve keys create`)."""
+    if ctx.invoked_subcommand is not None:
+        return
+    if store is None:
+        _fail("give --store DIR (or an fsspec URL): where the memories live", 2)
+    if max_batch < 1 or retention < 1:
+        _fail("--max-batch and --retention must be at least 1", 2)
+    from memllm.core.checkpoint import CheckpointError
+    from memllm.serve.run import serve as run
+    from memllm.serve.store import StoreError
+
+    console.print(f"memllm serve: {model} on http://{host}:{port}/v1, memories in {store}", highlight=False)
+    try:
+        run(model, store, catalogue, host=host, port=port, max_batch=max_batch, retention=retention,
+            keep_texts=keep_texts, threads=threads)
+    except (CheckpointError, StoreError, OSError) as e:
+        _fail(str(e))
+
+
+def _store(store: str, catalogue: Optional[str]):
+    from memllm.serve.store import Store
+
+    return Store(store, catalogue)
+
+
+@keys_app.command("create")
+def keys_create(store: str = StoreOpt, catalogue: Optional[str] = CatalogueOpt,
+                tenant: Optional[str] = typer.Option(None, help="the tenant the key belongs to"),
+                admin: bool = typer.Option(False, help="an admin key: manages keys, sees no memories")) -> None:
+    """Make an API key and print it (once: only its hash is stored)."""
+    from memllm.serve.store import StoreError
+
+    if admin == (tenant is not None):
+        _fail("give --tenant NAME for a tenant's key, or --admin", 2)
+    try:
+        out.print(_store(store, catalogue).create_key(None if admin else tenant), highlight=False)
+    except StoreError as e:
+        _fail(str(e))
+
+
+@keys_app.command("list")
+def keys_list(store: str = StoreOpt, catalogue: Optional[str] = CatalogueOpt) -> None:
+    """Keys by id, tenant and state (secrets are not stored)."""
+    table = Table("key id", "tenant", "created", "revoked")
+    for k in _store(store, catalogue).list_keys():
+        table.add_row(k["id"], k["tenant"] or "(admin)", f"{k['created']:.0f}", "yes" if k["revoked"] else "")
+    out.print(table)
+
+
+@keys_app.command("revoke")
+def keys_revoke(key_id: str = typer.Argument(..., help="key id (key_...)"), store: str = StoreOpt,
+                catalogue: Optional[str] = CatalogueOpt) -> None:
+    """Revoke a key: requests with it are refused from now on."""
+    from memllm.serve.store import StoreError
+
+    try:
+        _store(store, catalogue).revoke_key(key_id)
+    except StoreError as e:
+        _fail(str(e))
+    console.print(f"revoked {key_id}", highlight=False)
 
 
 def main() -> None:

@@ -1,6 +1,6 @@
 """`memllm demo`: the project's own tiny memory models, on a machine with no GPU and no network.
 
-The package ships two ~1M-parameter models trained here from scratch (`python -m memllm.recipes.tiny`) on
+The package ships two ~1M-parameter models trained here from scratch (`memllm recipe tiny`) on
 a synthetic world of invented people: MemoryLLM and M+ (the same model plus a retriever and a
 long-term memory). Nothing about the demo's people is in their weights (they are held out from
 training, and their names and facts are invented): every right answer comes from the memory.
@@ -27,7 +27,7 @@ from rich.panel import Panel
 from rich.table import Table
 
 import memllm
-from memllm.eval.retention import answer_words, world_for
+from memllm.eval.common import answer_words, world_for
 from memllm.core.inject import RandomDrop
 from memllm.synthetic.world import ABSTAIN
 

@@ -19,42 +19,47 @@ Also measured, in a fresh process: the peak resident memory of injecting a long 
 200,000 characters) into the shipped ``tiny-memoryllm`` (``inject_long_rss_growth_mb``: peak after
 minus peak before the injection). An injection that kept its autograd graph grew by ~4.3 GB here.
 
-Run ``python -m memllm.bench.inference``; the last printed line is one JSON object with every number.
+Run ``memllm bench``; the last printed line is one JSON object with every number.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
 import sys
 import time
 import warnings
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 
+from memllm.bench.timing import interleaved_medians, load_average
+
 # The authors' code's medians on this machine class (2 threads, same config), as given to us.
 AUTHORS_REFERENCE_S = {"generate_32_s": 1.91, "inject_512_s": 0.61}
+
+
+def _size(default: int, help: str) -> int:
+    """A BenchConfig field with its help: the `memllm bench` option reads it."""
+    return field(default=default, metadata={"help": help})
 
 
 @dataclass(frozen=True)
 class BenchConfig:
     """Model and workload sizes (defaults: the configuration the authors' code was timed on)."""
 
-    hidden_size: int = 512
-    num_layers: int = 8
-    num_heads: int = 8
-    num_kv_heads: int = 4
-    intermediate_size: int = 1408
-    vocab_size: int = 32000
-    num_tokens: int = 256  # K
-    num_blocks: int = 8  # N = num_blocks * K = 2,048 memory vectors per layer
-    prompt_tokens: int = 64
-    new_tokens: int = 32
-    context_tokens: int = 512
+    hidden_size: int = _size(512, "model width")
+    num_layers: int = _size(8, "decoder layers")
+    num_heads: int = _size(8, "attention heads")
+    num_kv_heads: int = _size(4, "key-value heads")
+    intermediate_size: int = _size(1408, "MLP width")
+    vocab_size: int = _size(32000, "vocabulary")
+    num_tokens: int = _size(256, "K: memory vectors written per injection")
+    num_blocks: int = _size(8, "N / K: N = 2,048 memory vectors per layer by default")
+    prompt_tokens: int = _size(64, "tokens of the prompt asked")
+    new_tokens: int = _size(32, "tokens generated")
+    context_tokens: int = _size(512, "tokens of the context injected")
 
     @property
     def memory_tokens(self) -> int:
@@ -78,54 +83,18 @@ def build_model(cfg: BenchConfig, seed: int = 0):
     return model.eval()
 
 
-def _median(times: list[float]) -> float:
-    times = sorted(times)
-    n = len(times)
-    return times[n // 2] if n % 2 else (times[n // 2 - 1] + times[n // 2]) / 2
-
-
-Case = tuple[Callable[[], object] | None, Callable[[], object]]  # (untimed setup, timed call)
-
-
-def _interleaved_medians(cases: dict[str, Case], repeats: int) -> dict[str, float]:
-    """Median wall time (s) of every case over `repeats` rounds, after one warm-up round.
-
-    The cases run in turn within each round, in reverse order every other round (a, b, c, c, b, a,
-    ...), so that a change in the machine's load during the run hits every case alike and ratios
-    between them stay meaningful.
-    """
-    times: dict[str, list[float]] = {name: [] for name in cases}
-    order = list(cases.items())
-    for i in range(repeats + 1):
-        for name, (setup, fn) in order if i % 2 == 0 else order[::-1]:
-            if setup is not None:
-                setup()
-            t0 = time.perf_counter()
-            fn()
-            elapsed = time.perf_counter() - t0
-            if i:  # round 0 is the warm-up
-                times[name].append(elapsed)
-    return {name: _median(t) for name, t in times.items()}
-
-
 def run_bench(
     repeats: int = 5,
     threads: int = 2,
     seed: int = 0,
     config: BenchConfig | None = None,
-    authors_repo: str | None = None,
     **sizes: int,
 ) -> dict:
     """Run the benchmark and return every number (seconds) with the configuration and versions.
 
     Sizes can be overridden by keyword (any `BenchConfig` field, e.g. ``hidden_size=64``) or with a
-    whole `config`. ``authors_repo`` is not supported (see the module docstring): passing one raises.
+    whole `config`.
     """
-    if authors_repo is not None:
-        raise NotImplementedError(
-            "timing the authors' code side by side is not supported: it needs transformers 4.x; "
-            "their medians for this configuration are in AUTHORS_REFERENCE_S"
-        )
     cfg = config or BenchConfig()
     if sizes:
         cfg = BenchConfig(**{**asdict(cfg), **sizes})
@@ -169,8 +138,8 @@ def _run(cfg: BenchConfig, repeats: int, seed: int) -> dict:
         assert updates == 1
 
     clear = model.clear_prefix_cache
-    load_before = _loadavg()
-    m = _interleaved_medians({
+    load_before = load_average()
+    m = interleaved_medians({
         # (a) time to first token: the prefill forward of generate's first step
         "ttft_reused": (cached, lambda: generate(1)),
         "ttft_recomputed": (clear, lambda: generate(1)),
@@ -212,13 +181,9 @@ def _run(cfg: BenchConfig, repeats: int, seed: int) -> dict:
         # other processes on the machine slow every number down: the 1-minute load average (compare
         # with cpu_count) before and after the timed rounds
         "loadavg_1m_before": load_before,
-        "loadavg_1m_after": _loadavg(),
+        "loadavg_1m_after": load_average(),
     }
     return {k: round(v, 4) if isinstance(v, float) else v for k, v in result.items()}
-
-
-def _loadavg() -> float | None:
-    return round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
 
 
 def _rows(c: dict) -> list[tuple[str, str, str | None]]:
@@ -312,36 +277,18 @@ def inject_rss(chars: int = 200_000, threads: int = 2) -> dict:
             "inject_long_pool_has_graph": r["graph"]}
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m memllm.bench.inference", description=__doc__.split("\n\n")[0])
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--markdown", action="store_true", help="also print the table as Markdown")
-    p.add_argument("--inject-rss-chars", type=int, default=200_000,
-                   help="characters injected into tiny-memoryllm for the peak-RSS line (0: skip)")
-    for name, default in asdict(BenchConfig()).items():
-        p.add_argument("--" + name.replace("_", "-"), type=int, default=default)
-    return p
-
-
-def main(argv: Sequence[str] | None = None) -> dict:
-    args = vars(_parser().parse_args(argv))
-    markdown = args.pop("markdown")
-    rss_chars = args.pop("inject_rss_chars")
-    result = run_bench(args.pop("repeats"), args.pop("threads"), args.pop("seed"), **args)
-    if rss_chars:
-        result.update(inject_rss(rss_chars, result["threads"]))
-        print(f"injecting {rss_chars:,} characters into tiny-memoryllm: peak RSS {result['inject_long_peak_rss_mb']} MB "
-              f"(+{result['inject_long_rss_growth_mb']} MB during the injection, {result['inject_long_updates']} updates)")
+def bench_inference(repeats: int = 5, threads: int = 2, seed: int = 0, config: BenchConfig | None = None,
+                    inject_rss_chars: int = 200_000, markdown: bool = False) -> dict:
+    """`memllm bench`: `run_bench`, the peak-RSS line of injecting `inject_rss_chars` characters (0:
+    skipped) and the table (also as Markdown with `markdown`) on stdout; returns every number."""
+    result = run_bench(repeats, threads, seed, config)
+    if inject_rss_chars:
+        result.update(inject_rss(inject_rss_chars, result["threads"]))
+        print(f"injecting {inject_rss_chars:,} characters into tiny-memoryllm: peak RSS "
+              f"{result['inject_long_peak_rss_mb']} MB (+{result['inject_long_rss_growth_mb']} MB during the "
+              f"injection, {result['inject_long_updates']} updates)")
     print_table(result)
     if markdown:
         print(markdown_table(result))
     sys.stdout.flush()
-    print(json.dumps(result))
-    sys.stdout.flush()
     return result
-
-
-if __name__ == "__main__":
-    main()

@@ -13,24 +13,24 @@ is an assumption, not a measurement of real M+ keys; the exact path makes no suc
 
 Recall is measured on ``num_queries`` = 8 queries over the same keys (the first is the one
 :func:`synthetic_keys_queries` returns, the others come from :func:`synthetic_queries`); the
-table shows the mean and the minimum. Scan and index are timed interleaved (scan, index, scan,
-...) so that both see the same machine load; the load average is printed with the table.
+table shows the mean and the minimum. Scan and index are timed interleaved (scan, index, index,
+scan, ...) so that both see the same machine load; the load average is printed with the table.
 
-Run ``python -m memllm.bench.ltm``; the last printed line is a JSON summary.
+Run ``memllm bench ltm [SIZES]``; the last printed line is a JSON summary.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
+from memllm.bench.timing import interleaved_medians, load_average
 from memllm.core.ltm import LongTermMemory, LTMConfig, LTMIndex, LTMLayer
+
+SIZES = (15_000, 150_000, 1_500_000)  # long-term vectors per layer (the default run)
 
 
 @dataclass(frozen=True)
@@ -96,28 +96,8 @@ def rss_mib(field: str = "VmRSS") -> float:
     return float("nan")
 
 
-def _load_average() -> float:
-    try:
-        return round(os.getloadavg()[0], 2)
-    except OSError:
-        return float("nan")
-
-
-def _interleaved_median_ms(fns: Sequence, repeats: int) -> list[float]:
-    """Median wall time (ms) of each function, calling them in turn ``repeats`` times."""
-    for fn in fns:
-        fn()  # warm-up
-    times: list[list[float]] = [[] for _ in fns]
-    for _ in range(repeats):
-        for fn, ts in zip(fns, times):
-            t0 = time.perf_counter()
-            fn()
-            ts.append((time.perf_counter() - t0) * 1000)
-    return [sorted(ts)[len(ts) // 2] for ts in times]
-
-
 def run_bench_ltm(
-    sizes: Sequence[int] = (15_000, 150_000, 1_500_000),
+    sizes: Sequence[int] = SIZES,
     selector_dim: int = 256,
     R: int = 2560,
     query_tokens: int = 64,
@@ -135,7 +115,7 @@ def run_bench_ltm(
     torch.set_num_threads(2)
     config = LTMConfig(num_tokens=R, num_ltm_blocks=1)
     rows = []
-    load_start = _load_average()
+    load_start = load_average()
     for m in sizes:
         keys, queries = synthetic_keys_queries(m, selector_dim, query_tokens, seed=seed)
         # Vectors are irrelevant to retrieval latency; a [m, 1] stand-in keeps memory for keys.
@@ -162,13 +142,14 @@ def run_bench_ltm(
             n_cand.append(int(index.candidates(q).shape[0]))
             del exact, approx
 
-        exact_ms, index_ms = _interleaved_median_ms(
-            [
-                lambda ltm=ltm, q=queries: ltm.retrieve(0, q, "exact"),
-                lambda ltm=ltm, q=queries: ltm.retrieve(0, q, "index"),
-            ],
+        medians = interleaved_medians(
+            {
+                "scan": (None, lambda ltm=ltm, q=queries: ltm.retrieve(0, q, "exact")),
+                "index": (None, lambda ltm=ltm, q=queries: ltm.retrieve(0, q, "index")),
+            },
             repeats,
         )
+        exact_ms, index_ms = 1000 * medians["scan"], 1000 * medians["index"]
         rows.append(
             {
                 "size": m,
@@ -183,7 +164,7 @@ def run_bench_ltm(
                 "keys_mib": round(keys.numel() * keys.element_size() / 2**20, 1),
                 "rss_mib": round(rss_mib(), 1),
                 "index_mib": round(rss_mib() - rss_keys, 1),
-                "load_avg": _load_average(),
+                "load_avg": load_average(),
             }
         )
         del ltm, layer, keys, index
@@ -203,7 +184,7 @@ def run_bench_ltm(
     }
 
 
-def _print_table(result: dict) -> None:
+def print_table(result: dict) -> None:
     headers = ["size", "scan ms/layer", "index ms/layer", "speedup", "recall@R mean",
                "recall@R min", "candidates", "nlist", "build s", "keys MiB", "RSS MiB", "load avg"]
     keys = ["size", "scan_ms", "index_ms", "speedup", "recall", "recall_min", "candidates",
@@ -226,15 +207,8 @@ def _print_table(result: dict) -> None:
             print(" | ".join(str(r[k]) for k in keys))
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    """Run the default benchmark; sizes can be given as arguments (e.g. ``15000 150000``)."""
-    args = list(sys.argv[1:] if argv is None else argv)
-    sizes = tuple(int(a.replace("_", "")) for a in args) or (15_000, 150_000, 1_500_000)
+def bench_ltm(sizes: Sequence[int] = SIZES) -> dict:
+    """`memllm bench ltm`: `run_bench_ltm` at these LTM sizes, its table on stdout; returns the result."""
     result = run_bench_ltm(sizes=sizes)
-    _print_table(result)
-    sys.stdout.flush()
-    print(json.dumps(result))
-
-
-if __name__ == "__main__":
-    main()
+    print_table(result)
+    return result

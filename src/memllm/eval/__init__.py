@@ -1,1 +1,2 @@
-"""Evaluations: retention and lookup (`retention`), memory integrity under many updates."""
+"""Evaluations: retention and lookup (`retention`), memory integrity under many updates (`integrity`),
+and what both share (`common`)."""

@@ -1,13 +1,11 @@
-"""Evaluations of memory models on a synthetic world of invented people, measuring what a user does.
+"""Retention and lookup: memory models on a synthetic world of invented people, measuring what a user does.
 
     memllm eval retention [CHECKPOINT ...] [--n-people 50] [--plot retention.png]
-    memllm eval integrity [CHECKPOINT] [--updates 100000] [--plot integrity.png]
-    (= python -m memllm.eval.retention [retention|integrity] ...)
 
-With no checkpoint, `retention` evaluates the shipped tiny models (MemoryLLM and M+) side by side and
-`integrity` the shipped MemoryLLM. Every person asked about is held out from training; every
-question is asked greedily (at most 3 new tokens) and scored by exact match of the first answer word;
-every attribute of a person is asked. Accuracies come with 95% Wilson intervals.
+With no checkpoint the shipped tiny models (MemoryLLM and M+) are evaluated side by side. Every
+person asked about is held out from training; every question is asked greedily (at most 3 new
+tokens) and scored by exact match of the first answer word; every attribute of a person is asked.
+Accuracies come with 95% Wilson intervals. (Many updates into one memory: `memllm.eval.integrity`.)
 
 `retention` panels (each a subplot of ``--plot``):
 
@@ -28,10 +26,6 @@ every attribute of a person is asked. Accuracies come with 95% Wilson intervals.
 - ``one_then`` (M+ only): one person, then 96 other people's biographies (12x the short-term capacity
   of the tiny models), the first person asked.
 
-`integrity`: many updates into one memory (random distractors and biographies); at checkpoints the
-pool's non-finite values, row-norm statistics per layer, and the recall of freshly written held-out
-people (each into a fork of the memory, asked at once), start vs end.
-
 A checkpoint is evaluated on the world it was trained on: ``recipe.json``'s ``"world"`` when present,
 else ``WorldConfig(seed=--world-seed)``. Any memllm model can be evaluated given such a world:
 ``heldout_people(n, seed)``, ``attributes``, ``biography(person, rng)``, ``question(person, attr, rng,
@@ -40,111 +34,38 @@ phrasings=, casing=, stranger=)`` and ``distractor(rng)`` (``memllm.synthetic.wo
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
 import random
-import re
-import time
-import warnings
-from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
+from contextlib import nullcontext
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import Progress
 
 from memllm.core.inject import RandomDrop
-from memllm.synthetic.world import ABSTAIN, World, WorldConfig
+from memllm.eval.common import (
+    ASK_BATCH,
+    Tally,
+    answer_words,
+    errorbar,
+    evaluating,
+    progress_bar,
+    progress_task,
+    seeded_drop,
+    stm_capacity,
+    wilson,
+    world_for,
+)
+from memllm.synthetic.world import ABSTAIN
 
 DEFAULT_COUNTS = (0, 1, 2, 4, 8, 16, 24)
 BEFORE = (1, 4, 8)
 ONE_THEN = 96
 STRANGER_K = 4
 PANELS = ("single", "people", "before", "strangers", "wording", "one_then")
-ASK_BATCH = 256
-
-
-def wilson(correct: int, total: int, z: float = 1.96) -> tuple[float, float]:
-    """95% Wilson score interval of a binomial proportion (0, 1 when total is 0)."""
-    if total == 0:
-        return 0.0, 1.0
-    p = correct / total
-    denom = 1 + z * z / total
-    centre = (p + z * z / (2 * total)) / denom
-    half = z * math.sqrt(p * (1 - p) / total + z * z / (4 * total * total)) / denom
-    return max(0.0, centre - half), min(1.0, centre + half)
-
-
-def first_word(text: str) -> str:
-    words = re.findall(r"[A-Za-z0-9]+", text)
-    return words[0] if words else ""
-
-
-def stm_capacity(model) -> tuple[int, int]:
-    """(K, N): vectors written per injection and short-term memory vectors per layer."""
-    return model.config.num_tokens, model.config.num_memory_tokens
-
-
-def world_for(checkpoint: str | Path, world_seed: int = 0) -> World:
-    """The world a checkpoint was trained on: recipe.json's "world" (the tiny-model recipe writes
-    it), else ``WorldConfig(seed=world_seed)`` (checkpoints from before it did)."""
-    from memllm.core.checkpoint import resolve
-
-    recipe = resolve(checkpoint) / "recipe.json"
-    fields = json.loads(recipe.read_text()).get("world") if recipe.is_file() else None
-    if not fields:
-        return World(WorldConfig(seed=world_seed))
-    return World(WorldConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()}))
-
-
-def answer_words(model, memory, prompts: list[str], max_new_tokens: int = 3) -> list[str]:
-    """First answer word of every prompt (greedy, asked in batches of ASK_BATCH; `ask` builds no graph)."""
-    out: list[str] = []
-    for i in range(0, len(prompts), ASK_BATCH):
-        answers = model.ask(memory, prompts[i:i + ASK_BATCH], max_new_tokens=max_new_tokens, chat=False)
-        out += [first_word(a) for a in answers]
-    return out
-
-
-@contextmanager
-def _evaluating(model) -> Iterator[None]:
-    """Eval mode for a block (restored after), with the short-context warning silenced: the world's
-    distractors are short by design."""
-    was_training = model.training
-    model.eval()
-    try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="context of .* tokens")
-            yield
-    finally:
-        model.train(was_training)
-
-
-def _drop(model, seed: int, panel: str) -> RandomDrop:
-    """Seeded memory drops, one stream per panel: a panel's numbers do not depend on what ran before."""
-    generator = torch.Generator().manual_seed(seed * 1_000_003 + sum(map(ord, panel)))
-    return RandomDrop(per_layer=model.config.drop_memory_per_layer, generator=generator)
-
-
-@contextmanager
-def _task(progress: Progress | None, description: str, total: int) -> Iterator[Callable[..., None]]:
-    """A progress-bar task for a block; yields its `advance(steps=1)`."""
-    if progress is None:
-        yield lambda steps=1: None
-        return
-    task = progress.add_task(description, total=total)
-    try:
-        yield lambda steps=1: progress.advance(task, steps)
-    finally:
-        progress.remove_task(task)
-
-
-def progress_bar(enabled: bool = True) -> Progress:
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    console=Console(stderr=True), transient=True, disable=not enabled)
+SHIPPED = ("tiny-memoryllm", "tiny-mplus")  # what is evaluated when no checkpoint is named
 
 
 # ---- the single-person curve (the original protocol) ---------------------------------------------
@@ -180,7 +101,7 @@ def retention(
     floor_correct = total = 0
     own = progress_bar() if progress is True else None
     bar = own or (progress if isinstance(progress, Progress) else None)
-    with _evaluating(model), own or nullcontext(), _task(bar, f"{model.config.kind}: one person", len(people)) as tick:
+    with evaluating(model), own or nullcontext(), progress_task(bar, f"{model.config.kind}: one person", len(people)) as tick:
         for person in people:
             questions = [world.question(person, a, rng) for a in world.attributes]
             prompts = [q for q, _ in questions]
@@ -216,37 +137,6 @@ def three_x(result: dict) -> int:
 
 
 # ---- lookup: several people in one memory, text before, strangers, wording ------------------------
-
-
-@dataclass
-class Tally:
-    """Exact-match counts of one cell. `other`: wrong answers that are the value of another person
-    stored in the same memory (for strangers: of any stored person); `abstain`: answers ABSTAIN."""
-
-    correct: int = 0
-    total: int = 0
-    other: int = 0
-    abstain: int = 0
-
-    def add(self, answer: str, truth: str, stored: set[str] | frozenset[str] = frozenset()) -> None:
-        right = answer == truth
-        self.correct += right
-        self.total += 1
-        self.other += (not right) and answer in stored
-        self.abstain += answer == ABSTAIN
-
-    def __iadd__(self, other: "Tally") -> "Tally":
-        self.correct += other.correct
-        self.total += other.total
-        self.other += other.other
-        self.abstain += other.abstain
-        return self
-
-    def as_dict(self) -> dict[str, Any]:
-        n = self.total
-        return {"acc": self.correct / n if n else None, "ci": list(wilson(self.correct, n)), "n": n,
-                "other_value_rate": self.other / n if n else None, "abstain_rate": self.abstain / n if n else None}
-
 
 def _row_keys(rows: torch.Tensor) -> list[bytes]:
     return [r.tobytes() for r in rows.detach().float().cpu().numpy()]
@@ -324,12 +214,12 @@ def people_in_memory(
     outsiders = math.ceil(n_people / memories) if strangers else 0
     rng = random.Random(f"people:{k}:{seed}")
     pool = world.heldout_people(memories * (k + outsiders), seed=seed)
-    drop = _drop(model, seed, f"people{k}")
+    drop = seeded_drop(model, seed, f"people{k}")
     positions = [Tally() for _ in range(k)]
     cells = {name: Tally() for name in ("strangers", "heldout", "upper")}
     hits = retrieved = 0
     chance = 0.0
-    with _evaluating(model), _task(progress, f"{model.config.kind}: {k} people per memory", memories) as tick:
+    with evaluating(model), progress_task(progress, f"{model.config.kind}: {k} people per memory", memories) as tick:
         for m in range(memories):
             chunk = pool[m * (k + outsiders):(m + 1) * (k + outsiders)]
             group, others = chunk[:k], chunk[k:]
@@ -394,9 +284,9 @@ def recall_among(
     `Tally.as_dict` ("other_value_rate": answered with one of the other biographies' values)."""
     rng = random.Random(f"among:{before}:{after}:{seed}")
     people = world.heldout_people(n_people + after, seed=seed)
-    drop = _drop(model, seed, f"among{before}:{after}")
+    drop = seeded_drop(model, seed, f"among{before}:{after}")
     tally = Tally()
-    with _evaluating(model), _task(progress, f"{model.config.kind}: {before} before, {after} after", n_people) as tick:
+    with evaluating(model), progress_task(progress, f"{model.config.kind}: {before} before, {after} after", n_people) as tick:
         for t, person in enumerate(people[:n_people]):
             rest = rng.sample(people[:t] + people[t + 1:], after)
             memory = model.new_memory()
@@ -625,12 +515,6 @@ def _plot_single(ax, results: dict[str, dict]) -> None:
     ax.set_title("one person per memory", fontsize=9)
 
 
-def _errorbar(ax, xs, cells: list[dict], **kw) -> None:
-    ys = [c["acc"] for c in cells]
-    ax.errorbar(xs, ys, yerr=[[y - c["ci"][0] for y, c in zip(ys, cells)], [c["ci"][1] - y for y, c in zip(ys, cells)]],
-                marker="o", capsize=3, **kw)
-
-
 def _bars(ax, lookups: dict[str, dict], items: list[tuple[str, Callable[[dict], float | None]]], title: str,
           colors: dict[str, str]) -> None:
     width = 0.8 / max(1, len(lookups))
@@ -666,9 +550,9 @@ def plot_all(results: dict[str, dict], lookups: dict[str, dict], path: str | Pat
                 ax_pos.fill_between(range(1, k + 1), [p["ci"][0] for p in cell["positions"]],
                                     [p["ci"][1] for p in cell["positions"]], color=colors[name], alpha=0.08)
         if people:
-            _errorbar(ax_k, list(people), [c["all"] for c in people.values()], label=name, color=colors[name])
+            errorbar(ax_k, list(people), [c["all"] for c in people.values()], label=name, color=colors[name])
         if r.get("before"):
-            _errorbar(ax_before, list(r["before"]), list(r["before"].values()), label=name, color=colors[name])
+            errorbar(ax_before, list(r["before"]), list(r["before"].values()), label=name, color=colors[name])
     ax_pos.set(xlabel="position in memory (1 = oldest)", ylabel="accuracy", xscale="log")
     ax_pos.set_title("k people in one memory: per position (95% CI shaded)", fontsize=9)
     ax_k.set(xlabel="people in one memory (k)", ylabel="mean accuracy", xscale="log")
@@ -707,222 +591,30 @@ def plot_all(results: dict[str, dict], lookups: dict[str, dict], path: str | Pat
     plt.close(fig)
 
 
-# ---- integrity: many updates into one memory -------------------------------------------------------
-
-
-def integrity_checkpoints(updates: int, points: int = 20) -> list[int]:
-    """0, powers of ten and `points` evenly spaced update counts up to `updates`."""
-    marks = {0, updates} | {round(updates * i / points) for i in range(1, points + 1)}
-    marks |= {10 ** i for i in range(int(math.log10(updates)) + 1)} if updates > 0 else set()
-    return sorted(m for m in marks if m <= updates)
-
-
-def integrity(
-    model,
-    world,
-    updates: int = 100_000,
-    points: int = 20,
-    recall_people: int = 50,
+def evaluate_retention(
+    checkpoints: Sequence[str] = SHIPPED,
+    n_people: int = 50,
+    distractor_counts: Sequence[int] = DEFAULT_COUNTS,
+    ks: Sequence[int] | None = None,
+    befores: Sequence[int] = BEFORE,
+    one_then: int = ONE_THEN,
+    panels: Sequence[str] = PANELS,
     seed: int = 0,
-    texts: int = 2048,
-    max_new_tokens: int = 3,
-    progress: Progress | None = None,
+    world_seed: int = 0,
+    plot: str | Path = "retention.png",
+    threads: int = 2,
 ) -> dict[str, Any]:
-    """`updates` memory updates (injections of random distractors and training people's biographies,
-    one update each unless a text is longer than the chunk size) into one memory. Every update:
-    non-finite values among the rows it wrote. At each checkpoint: row-norm
-    mean and max per layer of the pool, and the recall of `recall_people` held-out people (the same
-    ones each time), each written into a fork of the memory and asked every attribute at once.
+    """`memllm eval retention`: `compare` of the checkpoints (each named by its config kind, the path
+    added for a second one of a kind), each on the world it was trained on (``world_seed`` when
+    recipe.json does not name it), with a progress bar. Raises CheckpointError or OSError for a
+    checkpoint that cannot be loaded."""
+    from memllm.core.checkpoint import load
 
-    Returns {"updates", "updates_per_s", "nan_count", "checkpoints": [{"update", "norm_mean": [per
-    layer], "norm_max": [...], "recall", "recall_ci"}]} and the summary keys of `integrity_summary`.
-    """
-    rng = random.Random(f"integrity:{seed}")
-    people = world.people_stream("train", seed=seed)
-    pool = [world.distractor(rng) if i % 2 else world.biography(next(people), rng) for i in range(texts)]
-    with _evaluating(model):  # tokenized once: the updates are what is timed
-        ids = [model.encode_context(t) for t in pool]
-    probes = world.heldout_people(recall_people, seed=seed)
-    probe_bios = [world.biography(p, rng) for p in probes]
-    probe_questions = [[world.question(p, a, rng) for a in world.attributes] for p in probes]
-    drop = _drop(model, seed, "integrity")
-    K = model.config.num_tokens
-    checkpoints: list[dict[str, Any]] = []
-    nan_count = done = 0
-    seconds = 0.0
-
-    def check(chunk: int, chunks: int) -> None:  # after every update: the K rows it wrote
-        nonlocal nan_count
-        nan_count += int((~torch.isfinite(memory.pool[:, -K:])).sum())
-
-    with _evaluating(model), _task(progress, f"{model.config.kind}: {updates} updates", updates) as tick:
-        memory = model.new_memory()
-        for mark in integrity_checkpoints(updates, points):
-            start = time.perf_counter()
-            while done < mark:
-                made = model.inject(memory, ids[rng.randrange(len(ids))], drop=drop, progress=check)
-                done += made
-                tick(made)
-            seconds += time.perf_counter() - start
-            checkpoints.append(_integrity_checkpoint(model, memory, done, probe_bios, probe_questions,
-                                                     _drop(model, seed, "probe"), max_new_tokens))
-    out = {"updates": done, "updates_per_s": done / seconds if seconds else None, "nan_count": nan_count,
-           "checkpoints": checkpoints}
-    out.update(integrity_summary(out))
-    return out
-
-
-def _integrity_checkpoint(model, memory, done: int, bios: list[str], questions: list[list[tuple[str, str]]],
-                          drop: RandomDrop, max_new_tokens: int) -> dict[str, Any]:
-    norms = memory.pool.detach().float().norm(dim=-1)  # [L, N]
-    tally = Tally()
-    for bio, asked in zip(bios, questions):
-        fork = memory.fork()
-        model.inject(fork, bio, drop=drop)
-        for answer, (_, truth) in zip(answer_words(model, fork, [q for q, _ in asked], max_new_tokens), asked):
-            tally.add(answer, truth.strip())
-    cell = tally.as_dict()
-    return {"update": done, "norm_mean": norms.mean(1).tolist(), "norm_max": norms.amax(1).tolist(),
-            "nonfinite_in_pool": int((~torch.isfinite(memory.pool)).sum()), "recall": cell["acc"],
-            "recall_ci": cell["ci"], "recall_n": cell["n"]}
-
-
-def integrity_summary(r: dict[str, Any]) -> dict[str, Any]:
-    """Last-line keys: recall at the start (a fresh memory) and the end, the drop, pool row norms."""
-    first, last = r["checkpoints"][0], r["checkpoints"][-1]
-    return {
-        "recall_start": first["recall"], "recall_end": last["recall"],
-        "recall_drop": (first["recall"] - last["recall"]) if first["recall"] is not None else None,
-        "recall_min": min(c["recall"] for c in r["checkpoints"]),
-        "recall_curve": {c["update"]: c["recall"] for c in r["checkpoints"]},
-        "norm_mean_start": sum(first["norm_mean"]) / len(first["norm_mean"]),
-        "norm_mean_end": sum(last["norm_mean"]) / len(last["norm_mean"]),
-        "norm_max": max(max(c["norm_max"]) for c in r["checkpoints"]),
-        "norm_max_end": max(last["norm_max"]),
-    }
-
-
-def plot_integrity(r: dict[str, Any], path: str | Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    xs = [max(c["update"], 0.5) for c in r["checkpoints"]]  # update 0 drawn at 0.5 on the log axis
-    fig, (ax_norm, ax_recall) = plt.subplots(1, 2, figsize=(11, 4))
-    for l in range(len(r["checkpoints"][0]["norm_mean"])):
-        line = ax_norm.plot(xs, [c["norm_mean"][l] for c in r["checkpoints"]], marker=".", label=f"layer {l} mean")
-        ax_norm.plot(xs, [c["norm_max"][l] for c in r["checkpoints"]], ":", color=line[0].get_color(),
-                     label=f"layer {l} max")
-    ax_norm.set(xscale="log", xlabel="updates (0 at 0.5)", ylabel="memory row norm", title="pool row norms")
-    ax_norm.legend(fontsize=7)
-    _errorbar(ax_recall, xs, [{"acc": c["recall"], "ci": c["recall_ci"]} for c in r["checkpoints"]])
-    ax_recall.set(xscale="log", xlabel="updates (0 at 0.5)", ylabel="accuracy", ylim=(0, 1.02),
-                  title="recall of a person written after that many updates")
-    fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-# ---- command line ----------------------------------------------------------------------------------
-
-
-def _load(parser: argparse.ArgumentParser, path: str):
-    from memllm.core.checkpoint import CheckpointError, load
-
-    try:
-        return load(path)
-    except (CheckpointError, OSError) as e:
-        parser.exit(1, f"error: {e}\n")
-
-
-def _ints(text: str) -> tuple[int, ...]:
-    return tuple(int(c) for c in text.split(",") if c.strip())
-
-
-def main_retention(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(prog="memllm eval retention",
-                                     description="Retention and lookup panels of memllm checkpoints.")
-    parser.add_argument("checkpoints", nargs="*", default=["tiny-memoryllm", "tiny-mplus"],
-                        help="checkpoint dirs or shipped names (named by their config kind); default: the "
-                             "shipped tiny MemoryLLM and M+ models")
-    parser.add_argument("--n-people", type=int, default=50, help="held-out people asked per cell")
-    parser.add_argument("--counts", default=",".join(map(str, DEFAULT_COUNTS)),
-                        help="single panel: distractor counts (3 N / K is always added)")
-    parser.add_argument("--ks", default="", help="people per memory (default: 1, 4, N/K, and 4 N/K for M+)")
-    parser.add_argument("--before", default=",".join(map(str, BEFORE)), help="distractor texts before the person")
-    parser.add_argument("--one-then", type=int, default=ONE_THEN, help="M+: biographies after the person asked")
-    parser.add_argument("--panels", default=",".join(PANELS), help=f"which panels, of {','.join(PANELS)}")
-    parser.add_argument("--seed", type=int, default=0, help="held-out people, text draws and memory drops")
-    parser.add_argument("--world-seed", type=int, default=0,
-                        help="the world the models were trained on, when recipe.json does not say")
-    parser.add_argument("--plot", default="retention.png")
-    parser.add_argument("--threads", type=int, default=2)
-    args = parser.parse_args(argv)
-    panels = tuple(p.strip() for p in args.panels.split(",") if p.strip())
-    if unknown := set(panels) - set(PANELS):
-        parser.exit(2, f"error: unknown panel(s) {', '.join(sorted(unknown))}; choose from {', '.join(PANELS)}\n")
-    if args.n_people < 1:
-        parser.exit(2, "error: --n-people must be at least 1\n")
-    torch.set_num_threads(args.threads)
+    torch.set_num_threads(threads)
     models, worlds = {}, {}
-    for path in args.checkpoints:
-        model = _load(parser, path)
+    for path in checkpoints:
+        model = load(path)
         name = model.config.kind if model.config.kind not in models else f"{model.config.kind}:{path}"
-        models[name], worlds[name] = model, world_for(path, args.world_seed)
-    out = compare(models, worlds, plot=args.plot, n_people=args.n_people, seed=args.seed, panels=panels,
-                  ks=_ints(args.ks) or None, befores=_ints(args.before), one_then=args.one_then,
-                  distractor_counts=_ints(args.counts), progress=True)
-    print(json.dumps(out["summary"]))
-    return out
-
-
-def main_integrity(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(
-        prog="memllm eval integrity",
-        description="Many updates into one memory: non-finite values, pool row norms, recall start vs end. "
-                    "An M+ memory keeps every dropped row in long-term memory (K rows per layer per update).")
-    parser.add_argument("checkpoint", nargs="?", default="tiny-memoryllm",
-                        help="checkpoint dir or shipped name (default: the shipped tiny MemoryLLM)")
-    parser.add_argument("--updates", type=int, default=100_000, help="memory updates into the one memory")
-    parser.add_argument("--points", type=int, default=20, help="evenly spaced checkpoints (plus 0 and powers of 10)")
-    parser.add_argument("--recall-people", type=int, default=50, help="held-out people asked at each checkpoint")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--world-seed", type=int, default=0,
-                        help="the world the model was trained on, when recipe.json does not say")
-    parser.add_argument("--plot", default="integrity.png")
-    parser.add_argument("--threads", type=int, default=2)
-    args = parser.parse_args(argv)
-    if args.updates < 1 or args.recall_people < 1:
-        parser.exit(2, "error: --updates and --recall-people must be at least 1\n")
-    torch.set_num_threads(args.threads)
-    model = _load(parser, args.checkpoint)
-    with progress_bar() as bar:
-        out = integrity(model, world_for(args.checkpoint, args.world_seed), updates=args.updates, points=args.points,
-                        recall_people=args.recall_people, seed=args.seed, progress=bar)
-    console = Console(width=120)
-    for c in out["checkpoints"]:
-        lo, hi = c["recall_ci"]
-        console.print(f"update {c['update']:>8}: recall {c['recall']:.3f} [{lo:.2f}, {hi:.2f}]"
-                      f"  row norm mean {sum(c['norm_mean']) / len(c['norm_mean']):.3f}  max {max(c['norm_max']):.3f}"
-                      f"  non-finite {c['nonfinite_in_pool']}")
-    if args.plot:
-        plot_integrity(out, args.plot)
-    summary = {k: v for k, v in out.items() if k != "checkpoints"} | {"plot": args.plot or None}
-    print(json.dumps(summary))
-    return out
-
-
-def main(argv: list[str] | None = None) -> dict:
-    """`retention` (the default when the first argument is not a command) or `integrity`."""
-    import sys
-
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["integrity"]:
-        return main_integrity(argv[1:])
-    return main_retention(argv[1:] if argv[:1] == ["retention"] else argv)
-
-
-if __name__ == "__main__":
-    main()
+        models[name], worlds[name] = model, world_for(path, world_seed)
+    return compare(models, worlds, plot=plot, n_people=n_people, seed=seed, panels=panels, ks=ks or None,
+                   befores=befores, one_then=one_then, distractor_counts=distractor_counts, progress=True)
