@@ -17,13 +17,15 @@ from safetensors.torch import load_file
 
 import memllm
 from memllm.core import checkpoint
-from memllm.train.data import TokenCorpus, read_documents
+from memllm.core.ops import kept_rows
 from memllm.core.tiny import random_model
+from memllm.train.data import TokenCorpus, read_documents
+from memllm.train.loop import EMA, SingleProcess, fit, lr_factor, make_optimizer
+from memllm.train.objectives import MemoryTraining
+from memllm.train.options import config_help
 from memllm.train.trainer import (
-    MemoryTraining,
     TrainConfig,
-    kept_rows,
-    memory_loss,
+    new_knowledge_loss,
     objective_at,
     set_dropout,
     train,
@@ -98,22 +100,28 @@ def test_train_all_objectives_log_and_save(setup):
     assert all(torch.isfinite(torch.tensor(v)) for r in records for k, v in r.items() if k.startswith("loss/"))
 
 
-@pytest.mark.parametrize("kind", KINDS)
-def test_train_resume_equals_uninterrupted_run(setup, kind):
+@pytest.mark.parametrize("kind,ema", [("memoryllm", 0.0), ("mplus", 0.0), ("memoryllm", 0.5)])
+def test_train_resume_equals_uninterrupted_run(setup, kind, ema):
+    """Stopped at step 3 and resumed: the same weights (the EMA's too), the same data hash."""
     ckpt = setup[KINDS[kind]]
-    full = config(setup, f"full_run_{kind}", steps=6, grad_accum=2, model=ckpt)
-    train(full)
-    part = config(setup, f"resumed_{kind}", steps=6, grad_accum=2, save_every=2, stop_after=3, model=ckpt)
+    name = f"{kind}_ema{ema}"
+    full = config(setup, f"full_run_{name}", steps=6, grad_accum=2, model=ckpt, ema=ema)
+    whole = train(full)
+    part = config(setup, f"resumed_{name}", steps=6, grad_accum=2, save_every=2, stop_after=3, model=ckpt, ema=ema)
     result = train(part)
     assert result["step"] == 3 and "model" not in result
     if kind == "mplus":  # the long-term memories are part of the resumable state
         state = Path(part.out) / "state" / "step_00000003" / "ltm_rank0.pt"
         assert torch.load(state)["vectors"].shape[2] > 0
-    result = train(config(setup, f"resumed_{kind}", steps=6, grad_accum=2, save_every=2, model=ckpt))
-    assert result["step"] == 6
+    result = train(config(setup, f"resumed_{name}", steps=6, grad_accum=2, save_every=2, model=ckpt, ema=ema))
+    assert result["step"] == 6 and result["data_sha256"] == whole["data_sha256"]
+    assert not result["capped_by_minutes"]
     a, b = trained(Path(full.out)), trained(Path(part.out))
     for name in a:
         torch.testing.assert_close(a[name], b[name], atol=1e-6, rtol=0, msg=name)
+    if ema:  # the saved weights are the EMA's, not the last step's
+        plain = trained(Path(setup["tmp"] / f"full_run_{kind}_ema0.0"))
+        assert any(not torch.equal(a[n], plain[n]) for n in a if "lora" in n)
 
 
 def test_train_checkpoint_reloads_with_same_logits(setup):
@@ -140,13 +148,13 @@ def test_train_lowers_memory_conditioned_loss(setup, tmp_path):
     before_model = memllm.load(setup["ckpt"]).eval()
     ids = [before_model.tokenizer(d, add_special_tokens=False)["input_ids"] for d in distinct_documents(16, 16, seed=99)]
     contexts = torch.tensor(ids).view(16, 2, 16)  # [D, 2, T], documents not in training
-    before = memory_loss(before_model, contexts)
+    before = new_knowledge_loss(before_model, contexts)
     cfg = config(setup, "learn", steps=300, batch_size=8, new_knowledge=1.0, continuous=0.0, forgetting=0.0,
                  plain_lm=0.0, lr=2e-3, train="full", log_every=50, data=[str(tmp_path / "docs.jsonl")])
     train(cfg)
     after_model = memllm.load(Path(cfg.out) / "model").eval()
-    after = memory_loss(after_model, contexts)
-    wrong = memory_loss(after_model, torch.stack([contexts[:, 0].roll(1, 0), contexts[:, 1]], 1))
+    after = new_knowledge_loss(after_model, contexts)
+    wrong = new_knowledge_loss(after_model, torch.stack([contexts[:, 0].roll(1, 0), contexts[:, 1]], 1))
     assert after < before - 1.0, (before, after)
     assert wrong > after + 0.25, (after, wrong)
 
@@ -193,7 +201,7 @@ def test_train_gradient_checkpointing_gives_same_gradients():
     params = trainable_parameters(model, "lora")
     contexts = torch.randint(0, 256, (2, 3, 16))  # [B, n, T]: two injections, one prediction
     pool = model.initial_pool.unsqueeze(0).repeat(2, 1, 1, 1)
-    kept = torch.stack([torch.stack([kept_rows(2, 32, 8, 10 * i + b, True, "cpu") for b in range(2)])
+    kept = torch.stack([torch.stack([kept_rows(2, 32, 8, torch.Generator().manual_seed(10 * i + b)) for b in range(2)])
                         for i in range(2)])
     grads = []
     for recompute in (False, True):
@@ -251,14 +259,70 @@ def test_train_sharded_save_path_rebuilds_the_trained_model(setup):
 
 
 def test_train_every_option_has_help():
+    """Help text lives in the fields' metadata; the command line shows it, defaults included."""
     import argparse
 
-    from memllm.train.trainer import add_arguments
+    from memllm.train import options
 
+    helps = config_help(TrainConfig)
+    assert set(helps) == {f.name for f in dataclasses.fields(TrainConfig)}
+    assert all(helps.values()), [k for k, v in helps.items() if not v]
+    assert helps["ltm_rows"].endswith("(default -1)")
     parser = argparse.ArgumentParser()
-    add_arguments(parser)
-    options = [a for a in parser._actions if a.option_strings and a.dest != "help"]
-    assert len(options) == len(dataclasses.fields(TrainConfig))
-    assert all(a.help for a in options), [a.dest for a in options if not a.help]
-    assert "default -1" in next(a.help for a in options if a.dest == "ltm_rows")
+    options.add_arguments(parser, TrainConfig)
     assert "cosine decay to 10%" in parser.format_help()
+    cfg = options.from_namespace(TrainConfig, parser.parse_args(
+        ["--model", "m", "--data", "a", "b", "--out", "o", "--dropout", "0", "--no-progress", "--train", "full"]))
+    assert (cfg.data, cfg.dropout, cfg.progress, cfg.train, cfg.steps) == (["a", "b"], 0.0, False, "full", 1000)
+
+
+def test_train_learning_rate_follows_the_steps():
+    """Linear warm-up, then cosine decay to 10% at the last step, whatever the wall time."""
+    assert [lr_factor(s, 10, 2) for s in (0, 1)] == [0.5, 1.0]
+    assert lr_factor(2, 10, 2) == 1.0 and lr_factor(10, 10, 2) == pytest.approx(0.1)
+    assert lr_factor(6, 10, 2) == pytest.approx(0.55)
+
+
+def test_fit_accumulates_gradients_and_stops_at_the_minutes_cap():
+    """SingleProcess with grad_accum 2 steps like one batch of both halves; a minutes cap stops the
+    loop between steps and says so; the EMA follows the weights."""
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(8, 3, generator=g), torch.randn(8, 1, generator=g)
+
+    class Rows:
+        def __init__(self, rows):
+            self.rows = rows
+
+        def tensors(self):
+            return [x[self.rows]]
+
+    def run(grad_accum: int, max_minutes: float = 0.0, slow: bool = False):
+        torch.manual_seed(0)
+        model = torch.nn.Linear(3, 1)
+        params = list(model.parameters())
+        optimizer, scheduler = make_optimizer(params, 0.1, steps=4)
+        ema = EMA(model, 0.5)
+
+        def next_batch(step, micro):
+            if slow:
+                import time
+
+                time.sleep(0.05)
+            half = 8 // grad_accum
+            return Rows(slice(micro * half, (micro + 1) * half))
+
+        def loss(batch):
+            return torch.nn.functional.mse_loss(model(x[batch.rows]), y[batch.rows])
+
+        result = fit(SingleProcess(grad_accum), model, optimizer, scheduler, params, next_batch, loss, end=4,
+                     grad_accum=grad_accum, max_minutes=max_minutes, ema=ema)
+        return result, model, ema
+
+    one, m1, _ = run(1)
+    two, m2, ema = run(2)
+    assert one.step == two.step == 4 and not one.capped_by_minutes
+    torch.testing.assert_close(m1.weight, m2.weight, atol=1e-6, rtol=0)
+    assert one.losses[-1] < one.losses[0] and one.data_sha256 != two.data_sha256
+    assert not torch.equal(ema.model.weight, m2.weight)
+    capped, _, _ = run(1, max_minutes=0.12 / 60, slow=True)  # 120 ms, 50 ms a step: stops after step 2 or 3
+    assert capped.capped_by_minutes and 1 <= capped.step < 4

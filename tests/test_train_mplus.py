@@ -12,18 +12,15 @@ from conftest import distinct_documents
 import memllm
 from memllm.core import checkpoint
 from memllm.core.inject import RandomDrop
+from memllm.core.ops import dropped_rows, kept_rows, write_ids, write_pool
 from memllm.core.tiny import random_model
+from memllm.train.retriever import retriever_loss
 from memllm.train.trainer import (
     RETRIEVER_PROJECTORS,
     TrainConfig,
-    dropped_rows,
-    kept_rows,
-    retriever_loss,
     retriever_metrics,
     train,
     trainable_parameters,
-    write,
-    write_docs,
 )
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
@@ -104,9 +101,9 @@ def test_train_mplus_trains_projectors_and_tracks_documents():
     B, L, N, K, d = 2, model.num_layers, model.config.num_memory_tokens, model.config.num_tokens, model.hidden_size
     pool = torch.randn(B, L, N, d)
     docs = torch.arange(B * L * N).view(B, L, N)  # a unique id per row: follow every row
-    kept = torch.stack([kept_rows(L, N, K, b, True, "cpu") for b in range(B)])
-    new = write(pool, torch.zeros(B, L, K, d), kept)
-    new_docs = write_docs(docs, torch.tensor([-5, -6]), kept)
+    kept = torch.stack([kept_rows(L, N, K, torch.Generator().manual_seed(b)) for b in range(B)])
+    new = write_pool(pool, torch.zeros(B, L, K, d), kept)
+    new_docs = write_ids(docs, torch.tensor([-5, -6]), kept)
     assert torch.equal(new_docs[..., -K:], torch.tensor([-5, -6]).view(B, 1, 1).expand(B, L, K))
     assert torch.equal(pool.gather(2, new_docs[..., : N - K].unsqueeze(-1).remainder(N).expand(-1, -1, -1, d)),
                        new[:, :, : N - K])
@@ -144,14 +141,14 @@ def test_train_mplus_prediction_reads_the_long_term_memory():
     prediction retrieves from it (its loss differs from the masked read) and the retriever's candidates
     include it."""
     from memllm.core.mplus import RowLTM
-    from memllm.train.trainer import MemoryTraining
+    from memllm.train.objectives import MemoryTraining
 
     model = mplus_model(seed=3)
     B, L, N, K = 2, model.num_layers, model.config.num_memory_tokens, model.config.num_tokens
     g = torch.Generator().manual_seed(0)
     contexts = torch.randint(3, 200, (B, 5, 16), generator=g)  # 4 injections (32 dropped rows), 1 prediction
     pool = model.initial_pool.detach().unsqueeze(0).repeat(B, 1, 1, 1)
-    kept = torch.stack([torch.stack([kept_rows(L, N, K, 10 * s + b, True, "cpu") for b in range(B)])
+    kept = torch.stack([torch.stack([kept_rows(L, N, K, torch.Generator().manual_seed(10 * s + b)) for b in range(B)])
                         for s in range(4)])
     docs = torch.tensor([[0, 1, 2, 3, 0], [4, 5, 6, 7, 4]])
     pool_docs = torch.full((B, L, N), -1)

@@ -7,7 +7,10 @@
 
 The models must look things up: a memory holds several people (and other text) in any order, the
 question is about any of them, or about someone never written (answer: ``unknown``), in any of many
-wordings. Read top to bottom:
+wordings. The recipe is a data source and a configuration: every stage runs the one training loop
+of ``memllm train`` (``memllm.train.loop.fit``, in one process without accelerate) on its
+question-answering objectives (``memllm.train.objectives.context_qa`` and ``memory_qa``). Read top
+to bottom:
 
 1. ``build_world``, ``build_tokenizer``: a world of invented people with short names (2-3 tokens:
    lookup by a 4-5-token name did not appear in 18 minutes, docs/tinymodel.md) and its tokenizer
@@ -16,7 +19,8 @@ wordings. Read top to bottom:
    most 31 tokens fit in short-term memory; M+ adds R = 2 blocks retrieved from long-term memory).
 3. ``episode``: one memory's worth of texts (biographies of several people, hard negatives that share
    a name word or facts with the asked person, distractor sentences) and one question about a random
-   stored person or a stranger, with a name casing drawn at random.
+   stored person or a stranger, with a name casing drawn at random; ``context_batch`` and
+   ``memory_batch`` turn episodes into the objectives' batches.
 4. Stage 1 (``stage1``): in-context lookup on a fixed world of people: the episode's texts are the
    context, the loss is on the answer plus a weighted LM loss on the context (without it single
    biographies were not learnable); 1 text per question until that works, then up to 2, then up to
@@ -30,90 +34,86 @@ wordings. Read top to bottom:
    (``memllm.core.mplus.RowLTM``, exactly as inference does) and the retriever loss on the asked person's
    long-term vectors (so what is retrieved depends on the question).
 7. ``save_tiny``: the EMA weights with the tokenizer and ``recipe.json`` (recipe, world, per-stage
-   steps, seconds and a hash of the data stream, the evaluation history).
+   steps, seconds, loss trend and a hash of the data stream, the evaluation history).
 
-Stages run for a number of steps; ``--max-minutes`` is only a cap, and a stage that hits it says so in
-``recipe.json``. Everything random is derived from ``--seed`` (the world, the tokenizer, the data
-streams, the initialisation and the memory drops), so a rerun with the same seed and steps on the
-same software gives the same weights.
+Stages run for a number of steps, which drive the learning-rate schedule; ``--max-minutes`` is only a
+cap, and a stage that hits it says so in ``recipe.json``. Everything random is derived from
+``--seed`` (the world, the tokenizer, the data streams, the initialisation and the memory drops), so
+a rerun with the same seed and steps on the same software gives the same weights.
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import dataclasses
-import hashlib
 import json
-import math
 import random
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from memllm.core.checkpoint import load, save
-from memllm.core.inject import delta_memory
 from memllm.core.model import MemoryModel
-from memllm.core.mplus import RowLTM, drop_to_ltm
-from memllm.train.retriever import layer_inputs, retriever_loss
+from memllm.core.ops import kept_rows
 from memllm.core.tiny import random_model
 from memllm.synthetic.tokenizer import train_world_tokenizer
-from memllm.train.trainer import write, write_docs
-from memllm.synthetic.world import ABSTAIN, Person, World, WorldConfig
+from memllm.synthetic.world import Person, World, WorldConfig
+from memllm.train import options
+from memllm.train.data import ContextBatch, MemoryBatch, pad
+from memllm.train.loop import EMA, DataHash, SingleProcess, fit, loss_trend, make_optimizer
+from memllm.train.objectives import context_qa, memory_qa
+from memllm.train.options import option
 
 
 @dataclass
 class Recipe:
     """Everything that fixes a tiny model; the defaults are the shipped recipe."""
 
-    kind: str = "both"  # memoryllm | mplus (from `init`) | both
-    init: str = ""  # kind mplus: the trained MemoryLLM tiny model to start from
-    seed: int = 0
-    max_minutes: float = 0.0  # a cap per stage (0: none); the step counts below are the schedule
-    # the world: names of first_name_syllables + 1..last_name_syllables syllables
-    first_name_syllables: int = 1
-    last_name_syllables: int = 2
-    vocab_size: int = 1024
-    tokenizer_docs: int = 10_000
-    hidden_size: int = 128
-    num_layers: int = 4
-    num_heads: int = 4
-    intermediate_size: int = 344
-    num_tokens: int = 32  # K
-    stm_blocks: int = 8  # N = stm_blocks * K
-    ltm_blocks: int = 2  # M+ only: R = ltm_blocks * K
-    # episodes (all stages)
-    bio_share: float = 0.6  # share of the other texts that are other people's biographies (else distractors)
-    hard_negative_share: float = 0.5  # share of those that share a name word or 1-3 facts with the asked person
-    stranger_share: float = 0.15  # questions about someone not in the texts (answer: unknown)
-    casing_share: float = 0.2  # questions with the name in upper or lower case
-    # stage 1: in-context lookup
-    stage1_steps: int = 3000
-    stage1_people: int = 2000
-    stage1_batch: int = 64
-    stage1_lr: float = 2e-3
-    stage1_max_texts: int = 6
-    context_lm_weight: float = 0.25
-    curriculum_target: float = 0.8  # held-out in-context accuracy that lets the texts per question grow
-    warmup_steps: int = 100
-    # stage 2: memory
-    stage2_steps: int = 2500
-    batch: int = 32
-    lr: float = 1e-3
-    max_texts: int = 16  # texts per memory: 1..max_texts (2x the short-term capacity in biographies)
-    replay_every: int = 4
-    ema: float = 0.99
-    eval_every: int = 200
-    eval_people: int = 64
-    threads: int = 1  # on the shared 2-core machine 2 threads ran 8x slower than 1 (OpenMP threads wait on each other)
-    # stage 3: M+, from the trained MemoryLLM model
-    stage3_steps: int = 1200
-    mplus_lr: float = 5e-4
-    mplus_max_texts: int = 40  # 5x the short-term capacity
-    retriever_weight: float = 1.0
+    kind: str = option("both", "memoryllm: stages 1-2; mplus: stage 3 from `init`; both: memoryllm then mplus",
+                       choices=("memoryllm", "mplus", "both"))
+    init: str = option("", "kind mplus: the trained MemoryLLM tiny model to start from; kind memoryllm: "
+                           "continue its stage 2")
+    seed: int = option(0, "everything random: world, tokenizer, data streams, initialisation, memory drops")
+    max_minutes: float = option(0.0, "a cap per stage (0: none); the step counts below are the schedule")
+    first_name_syllables: int = option(1, "the world's names: first names of this many syllables ...")
+    last_name_syllables: int = option(2, "... and last names of 1 to this many")
+    vocab_size: int = option(1024, "tokenizer vocabulary")
+    tokenizer_docs: int = option(10_000, "world documents the tokenizer is trained on")
+    hidden_size: int = option(128, "model width d")
+    num_layers: int = option(4, "decoder layers")
+    num_heads: int = option(4, "attention heads")
+    intermediate_size: int = option(344, "MLP width")
+    num_tokens: int = option(32, "K: memory vectors written per injection and layer")
+    stm_blocks: int = option(8, "short-term memory N = stm_blocks * K")
+    ltm_blocks: int = option(2, "M+ only: R = ltm_blocks * K vectors retrieved from long-term memory")
+    bio_share: float = option(0.6, "episodes: share of the other texts that are other people's biographies "
+                                   "(else distractors)")
+    hard_negative_share: float = option(0.5, "share of those that share a name word or 1-3 facts with the asked person")
+    stranger_share: float = option(0.15, "questions about someone not in the texts (answer: unknown)")
+    casing_share: float = option(0.2, "questions with the name in upper or lower case")
+    stage1_steps: int = option(3000, "stage 1 (in-context lookup): optimizer steps")
+    stage1_people: int = option(2000, "stage 1: the fixed world of people")
+    stage1_batch: int = option(64, "stage 1 (and replay): rows per step")
+    stage1_lr: float = option(2e-3, "stage 1: peak learning rate")
+    stage1_max_texts: int = option(6, "stage 1 (and replay): texts per context once the curriculum is through")
+    context_lm_weight: float = option(0.25, "weight of the LM loss on the context in in-context steps")
+    curriculum_target: float = option(0.8, "held-out in-context accuracy that lets the texts per question grow")
+    warmup_steps: int = option(100, "linear learning-rate warm-up steps of every stage")
+    stage2_steps: int = option(2500, "stage 2 (memory): optimizer steps")
+    batch: int = option(32, "stages 2-3: rows (memories) per step")
+    lr: float = option(1e-3, "stage 2: peak learning rate")
+    max_texts: int = option(16, "stage 2: texts per memory, 1..max_texts (2x the short-term capacity in biographies)")
+    replay_every: int = option(4, "stages 2-3: every this many steps an in-context step (0: none)")
+    ema: float = option(0.99, "stages 2-3: decay of the weights' EMA, which is evaluated and saved")
+    eval_every: int = option(200, "stages 2-3: steps between held-out evaluations")
+    eval_people: int = option(64, "held-out people per evaluation")
+    threads: int = option(1, "torch threads (on the shared 2-core machine 2 threads ran 8x slower than 1)")
+    stage3_steps: int = option(1200, "stage 3 (M+, from the trained MemoryLLM model): optimizer steps")
+    mplus_lr: float = option(5e-4, "stage 3: peak learning rate")
+    mplus_max_texts: int = option(40, "stage 3: texts per memory (5x the short-term capacity)")
+    retriever_weight: float = option(1.0, "stage 3: weight of the retriever loss")
 
     @property
     def pool_size(self) -> int:
@@ -231,16 +231,11 @@ def episode(world: World, recipe: Recipe, rng: random.Random, draw, n_texts: int
     return Episode(texts, -1 if stranger else target, prompt, answer)
 
 
-# ---- data -----------------------------------------------------------------------------------------
+# ---- the objectives' batches ----------------------------------------------------------------------
 
 
 def encode(tokenizer, texts: list[str], bos: bool = True) -> list[list[int]]:
     return [tokenizer(t, add_special_tokens=bos)["input_ids"] for t in texts]
-
-
-def pad(rows: list[list[int]], value: int) -> torch.Tensor:
-    T = max(len(r) for r in rows)
-    return torch.tensor([r + [value] * (T - len(r)) for r in rows], dtype=torch.long)
 
 
 def answer_id(tokenizer, answer: str) -> int:
@@ -250,18 +245,10 @@ def answer_id(tokenizer, answer: str) -> int:
     return ids[0]
 
 
-@dataclass
-class ContextBatch:
-    ids: torch.Tensor  # [B, T] <bos> context question answer, right-padded
-    answer_pos: torch.Tensor  # [B] position whose logits predict the answer
-    answers: torch.Tensor  # [B]
-    context_len: torch.Tensor  # [B] tokens of <bos> + context (LM loss on them)
-
-
 def context_batch(world: World, recipe: Recipe, tokenizer, people, rng: random.Random, batch: int,
                   max_texts: int, min_texts: int = 1, **kw) -> ContextBatch:
-    """In-context lookup rows: an episode of min_texts..max_texts texts (target at a random index) as
-    the context, then its question and answer."""
+    """In-context lookup rows (`context_qa`): an episode of min_texts..max_texts texts (target at a
+    random index) as the context, then its question and answer."""
     rows, pos, answers, ctx_len = [], [], [], []
     for _ in range(batch):
         n = rng.randint(min_texts, max_texts)
@@ -277,35 +264,11 @@ def context_batch(world: World, recipe: Recipe, tokenizer, people, rng: random.R
                         torch.tensor(ctx_len))
 
 
-def context_loss(model: MemoryModel, cb: ContextBatch, lm_weight: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(answer loss + lm_weight * LM loss on the context, correct [B] bool)."""
-    logits = model.lm(cb.ids).logits  # [B, T, V]
-    rows = torch.arange(len(cb.ids))
-    at_answer = logits[rows, cb.answer_pos]
-    loss = F.cross_entropy(at_answer, cb.answers)
-    if lm_weight:
-        T = cb.ids.shape[1]
-        in_context = torch.arange(T - 1).unsqueeze(0) < (cb.context_len - 1).unsqueeze(1)  # [B, T-1]
-        target = cb.ids[:, 1:].masked_fill(~in_context, -100)
-        loss = loss + lm_weight * F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), target.reshape(-1),
-                                                  ignore_index=-100)
-    return loss, at_answer.argmax(-1) == cb.answers
-
-
-@dataclass
-class MemoryBatch:
-    texts: list[list[list[int]]]  # n_texts injections, each B token lists (no <bos>, as `model.inject` encodes)
-    target: int  # index of the injection holding the asked person's biography (the same in every row)
-    strangers: torch.Tensor  # [B] bool: the row asks about someone not in memory
-    questions: torch.Tensor  # [B, T] prompt + answer, right-padded
-    labels: torch.Tensor  # [B, T] -100 except the answer token
-    kept: list[torch.Tensor]  # per injection [B, L, N - K] surviving rows
-
-
 def memory_batch(world: World, recipe: Recipe, tokenizer, draw, rng: random.Random, batch: int, n_texts: int,
                  target: int, num_layers: int, N: int, K: int, **kw) -> MemoryBatch:
-    """B episodes of n_texts texts with the asked biography at injection `target` in every row (so
-    that the gradient needs to flow through one injection only), and their memory drops."""
+    """Memory lookup rows (`memory_qa`): B episodes of n_texts texts with the asked biography at
+    injection `target` in every row (so that the gradient needs to flow through one injection only),
+    and their memory drops."""
     eps = [episode(world, recipe, rng, draw, n_texts, target, **kw) for _ in range(batch)]
     texts = [encode(tokenizer, [ep.texts[i] for ep in eps], bos=False) for i in range(n_texts)]
     prompts = encode(tokenizer, [ep.prompt for ep in eps], bos=False)
@@ -315,65 +278,9 @@ def memory_batch(world: World, recipe: Recipe, tokenizer, draw, rng: random.Rand
     for b, p in enumerate(prompts):
         labels[b, len(p)] = answers[b]
     g = torch.Generator().manual_seed(rng.randrange(1 << 62))
-    kept = [torch.rand(batch, num_layers, N, generator=g).argsort(-1)[..., : N - K].sort(-1).values
-            for _ in range(n_texts)]
+    kept = [kept_rows(num_layers, N, K, g, batch=batch) for _ in range(n_texts)]  # each [B, L, N - K]
     strangers = torch.tensor([ep.target < 0 for ep in eps])
     return MemoryBatch(texts, target, strangers, questions, labels, kept)
-
-
-# ---- per-row memories -----------------------------------------------------------------------------
-
-
-def inject_rows(model: MemoryModel, pools: torch.Tensor, rows: list[list[int]], kept: torch.Tensor,
-                grad: bool = True) -> torch.Tensor:
-    """Write one context per row into pools [B, L, N, d]. The write keeps the graph of the surviving
-    rows; `grad=False` computes the new rows without one (cheap distractors)."""
-    ids = pad(rows, 0)
-    mask = pad([[1] * len(r) for r in rows], 0)
-    with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
-        delta = delta_memory(model, pools, ids, mask)
-    return write(pools, delta, kept)
-
-
-def start_pools(model: MemoryModel, batch: int) -> torch.Tensor:
-    return model.initial_pool.detach().unsqueeze(0).expand(batch, -1, -1, -1).clone()
-
-
-def memory_loss(model: MemoryModel, mb: MemoryBatch, retriever_weight: float = 0.0,
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """(loss, correct [B] bool of the argmax answer, retriever statistics or None) after writing every
-    text of the batch into per-row memories, the gradient flowing through the target's injection.
-    The loss is on the answer token (plus, for M+, retriever_weight times the retriever loss whose
-    positives are the asked person's vectors in long-term memory)."""
-    B = mb.questions.shape[0]
-    pools = start_pools(model, B)
-    mplus = model.config.kind == "mplus"
-    if mplus:  # long-term memory per row, and which injection wrote each vector
-        L, N = pools.shape[1:3]
-        ltm, ages = RowLTM.empty(pools), torch.zeros(B, L, N, dtype=torch.long)
-        docs = torch.full((B, L, N), -1, dtype=torch.long)
-    for i, rows in enumerate(mb.texts):
-        if mplus:
-            ltm, ages = drop_to_ltm(ltm, pools, ages, mb.kept[i], docs)
-            docs = write_docs(docs, torch.full((B,), i), mb.kept[i])
-        pools = inject_rows(model, pools, rows, mb.kept[i], grad=i == mb.target)
-    captured: dict[int, torch.Tensor] = {}
-    if mplus:
-        q_mask = (mb.labels == -100) & (mb.questions != model.tokenizer.pad_token_id)
-        with layer_inputs(model, captured, mb.questions.shape[1]):
-            logits = model.forward_pools(mb.questions, pools, ltm=ltm, attention_mask=q_mask.long()).logits[:, :-1]
-    else:
-        logits = model.forward_pools(mb.questions, pools).logits[:, :-1]
-    target = mb.labels[:, 1:]
-    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100)
-    mask = target != -100
-    correct = logits.argmax(-1)[mask] == target[mask]  # one answer per row, in row order
-    stats = None
-    if mplus and ltm.size:
-        positive = (ltm.docs == mb.target) & ~mb.strangers.view(B, 1, 1)
-        r_loss, stats = retriever_loss(model, captured, ltm.vectors, positive)
-        loss = loss + retriever_weight * r_loss
-    return loss, correct, stats
 
 
 # ---- evaluation during training (held-out people) -------------------------------------------------
@@ -411,7 +318,7 @@ def memory_accuracy(model: MemoryModel, world: World, recipe: Recipe, tokenizer,
     for t in targets:
         mb = memory_batch(world, recipe, tokenizer, draw, rng, per, n, t, model.num_layers,
                           model.config.num_memory_tokens, model.config.num_tokens, **kw)
-        correct.append(memory_loss(model, mb)[1])
+        correct.append(memory_qa(model, mb).correct)
     return torch.cat(correct).float().mean().item()
 
 
@@ -421,155 +328,112 @@ def in_context_accuracy(model: MemoryModel, world: World, recipe: Recipe, tokeni
     """Held-out in-context lookup accuracy with exactly n biographies in the context."""
     cb = context_batch(world, recipe, tokenizer, people, random.Random(f"in-context:{seed}"), len(people), n,
                        min_texts=n, stranger=False, casing="as_is", bio_share=1.0)
-    return context_loss(model, cb, 0.0)[1].float().mean().item()
+    return context_qa(model, cb, 0.0)[1].float().mean().item()
 
 
-# ---- training -------------------------------------------------------------------------------------
+# ---- training: the stages as configurations of the one loop ---------------------------------------
 
-
-class DataHash:
-    """A running sha256 of every batch a stage trains on: two runs that saw the same data agree."""
-
-    def __init__(self) -> None:
-        self.h = hashlib.sha256()
-
-    def add(self, *tensors: torch.Tensor) -> None:
-        for t in tensors:
-            self.h.update(t.contiguous().numpy().tobytes())
-
-    def hexdigest(self) -> str:
-        return self.h.hexdigest()[:16]
-
-
-def optimizer_step(model: MemoryModel, opt, loss: torch.Tensor) -> None:
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-    opt.step()
-
-
-def context_step(model: MemoryModel, opt, world, recipe: Recipe, tokenizer, people, rng, max_texts: int,
-                 data: DataHash) -> float:
-    """One in-context step. With one text per question there are no strangers and no name casings yet:
-    a stranger who shares a name word with the one person in context already needs lookup by name,
-    and with it from the start single-biography QA did not take off in 1,100 steps (docs/tinymodel.md)."""
-    easy = {"stranger": False, "casing": "as_is"} if max_texts == 1 else {}
-    cb = context_batch(world, recipe, tokenizer, people, rng, recipe.stage1_batch, max_texts, **easy)
-    data.add(cb.ids)
-    loss, _ = context_loss(model, cb, recipe.context_lm_weight)
-    optimizer_step(model, opt, loss)
-    return loss.item()
-
-
-def memory_step(model: MemoryModel, opt, world, recipe: Recipe, tokenizer, draw, rng, data: DataHash
-                ) -> tuple[float, float, torch.Tensor | None]:
-    """One memory-training step: 1..max_texts texts per memory (M+: mplus_max_texts), the asked
-    person's biography at a uniformly random injection."""
-    mplus = model.config.kind == "mplus"
-    n = rng.randint(1, recipe.mplus_max_texts if mplus else recipe.max_texts)
-    mb = memory_batch(world, recipe, tokenizer, draw, rng, recipe.batch, n, rng.randrange(n), model.num_layers,
-                      model.config.num_memory_tokens, model.config.num_tokens)
-    data.add(mb.questions, *(pad(rows, 0) for rows in mb.texts))
-    loss, correct, stats = memory_loss(model, mb, retriever_weight=recipe.retriever_weight if mplus else 0.0)
-    optimizer_step(model, opt, loss)
-    return loss.item(), correct.float().mean().item(), stats
-
-
-def ema_update(ema: MemoryModel, model: MemoryModel, decay: float) -> None:
-    with torch.no_grad():
-        for e, p in zip(ema.parameters(), model.parameters()):
-            e.lerp_(p, 1 - decay)
+STAGE1_EVAL_EVERY = 100  # steps between the held-out in-context checks that drive the curriculum
 
 
 def log(record: dict) -> None:
     print(json.dumps(record), flush=True)
 
 
-def lr_at(step: int, steps: int, lr: float, warmup: int) -> float:
-    """Linear warm-up, then cosine decay to 10% at the last step."""
-    return lr * min(1.0, (step + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(step / max(steps, 1), 1.0))))
-
-
-def out_of_time(t_start: float, recipe: Recipe) -> bool:
-    return bool(recipe.max_minutes) and time.time() - t_start > recipe.max_minutes * 60
+def optimize(model: MemoryModel, recipe: Recipe, lr: float, steps: int, next_batch, loss, on_step,
+             ema: EMA | None = None):
+    """One stage: `fit` in this process (`SingleProcess`, no accelerate) over all the model's weights:
+    AdamW, linear warm-up over `warmup_steps` then cosine decay to 10%, gradients clipped to norm 1,
+    `max_minutes` as a cap."""
+    params = list(model.parameters())
+    optimizer, scheduler = make_optimizer(params, lr, steps, recipe.warmup_steps)
+    return fit(SingleProcess(), model, optimizer, scheduler, params, next_batch, loss, end=steps,
+               max_minutes=recipe.max_minutes, data=DataHash(), ema=ema, on_step=on_step)
 
 
 def stage1(model: MemoryModel, recipe: Recipe, world: World, tokenizer, people, eval_people, rng) -> dict:
     """In-context lookup on a fixed world: 1 text per question until held-out accuracy reaches
     curriculum_target, then up to 2 texts until that holds with 2 biographies, then up to
-    stage1_max_texts."""
-    opt = torch.optim.AdamW(model.parameters(), lr=recipe.stage1_lr, weight_decay=0.0)
-    t1, max_texts, grown, data, capped = time.time(), 1, {}, DataHash(), False
-    step = 0
-    for step in range(recipe.stage1_steps):
-        if out_of_time(t1, recipe):
-            capped = True
-            break
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, recipe.stage1_steps, recipe.stage1_lr, recipe.warmup_steps)
-        loss = context_step(model, opt, world, recipe, tokenizer, people, rng, max_texts, data)
-        if (step + 1) % 100 == 0:
-            model.eval()
-            rec = {"stage": 1, "step": step + 1, "loss": round(loss, 3), "max_texts": max_texts,
-                   "min": round((time.time() - t1) / 60, 1)}
-            for n in (1, 2, 4):
-                rec[f"in_context_k{n}"] = round(in_context_accuracy(model, world, recipe, tokenizer, eval_people,
-                                                                    seed=step, n=n), 3)
-            model.train()
-            log(rec)
-            if max_texts == 1 and rec["in_context_k1"] >= recipe.curriculum_target:
-                max_texts, grown["2"] = 2, step + 1
-            elif max_texts == 2 and rec["in_context_k2"] >= recipe.curriculum_target:
-                max_texts, grown[str(recipe.stage1_max_texts)] = recipe.stage1_max_texts, step + 1
-    else:
-        step = recipe.stage1_steps
-    return {"steps": step, "seconds": round(time.time() - t1), "capped_by_minutes": capped,
-            "max_texts_from_step": grown, "data_sha256": data.hexdigest()}
+    stage1_max_texts. With one text per question there are no strangers and no name casings yet: a
+    stranger who shares a name word with the one person in context already needs lookup by name, and
+    with it from the start single-biography QA did not take off in 1,100 steps (docs/tinymodel.md)."""
+    max_texts, grown, t1 = 1, {}, time.time()
+
+    def next_batch(step: int, micro: int) -> ContextBatch:
+        easy = {"stranger": False, "casing": "as_is"} if max_texts == 1 else {}
+        return context_batch(world, recipe, tokenizer, people, rng, recipe.stage1_batch, max_texts, **easy)
+
+    def on_step(step: int, loss: float) -> None:
+        nonlocal max_texts
+        if step % STAGE1_EVAL_EVERY:
+            return
+        model.eval()
+        rec = {"stage": 1, "step": step, "loss": round(loss, 3), "max_texts": max_texts,
+               "min": round((time.time() - t1) / 60, 1)}
+        for n in (1, 2, 4):
+            rec[f"in_context_k{n}"] = round(in_context_accuracy(model, world, recipe, tokenizer, eval_people,
+                                                                seed=step - 1, n=n), 3)
+        model.train()
+        log(rec)
+        if max_texts == 1 and rec["in_context_k1"] >= recipe.curriculum_target:
+            max_texts, grown["2"] = 2, step
+        elif max_texts == 2 and rec["in_context_k2"] >= recipe.curriculum_target:
+            max_texts, grown[str(recipe.stage1_max_texts)] = recipe.stage1_max_texts, step
+
+    result = optimize(model, recipe, recipe.stage1_lr, recipe.stage1_steps, next_batch,
+                      lambda cb: context_qa(model, cb, recipe.context_lm_weight)[0], on_step)
+    return {**result.summary(), "loss": loss_trend(result.losses), "max_texts_from_step": grown}
 
 
 def memory_stage(model: MemoryModel, recipe: Recipe, world: World, tokenizer, people, eval_people, rng,
                  draw, lr: float, steps: int) -> tuple[MemoryModel, dict, list[dict]]:
-    """Memory training on fresh people (stage 2, or stage 3 for M+) with in-context replay every
-    `replay_every`-th step; returns the EMA weights, a summary and the eval history."""
+    """Memory training on fresh people (stage 2, or stage 3 for M+): 1..max_texts texts per memory
+    (M+: mplus_max_texts), the asked person's biography at a uniformly random injection, with an
+    in-context step every `replay_every`-th step; returns the EMA weights, a summary and the eval
+    history. The summary's loss trend is the answer loss of the memory steps."""
     mplus = model.config.kind == "mplus"
     stage = 3 if mplus else 2
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    ema = copy.deepcopy(model).eval()
-    for p in ema.parameters():
-        p.requires_grad_(False)
-    t2, history, data, capped = time.time(), [], DataHash(), False
-    window: list[tuple[float, float, torch.Tensor | None]] = []
-    step = 0
-    for step in range(steps):
-        if out_of_time(t2, recipe):
-            capped = True
-            break
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, steps, lr, recipe.warmup_steps)
+    ema = EMA(model, recipe.ema)
+    t2, history = time.time(), []
+    window: list[tuple[float, float, torch.Tensor | None]] = []  # (loss, accuracy, retriever stats) since the last eval
+    answer_losses: list[float] = []  # of the memory steps
+
+    def next_batch(step: int, micro: int) -> ContextBatch | MemoryBatch:
         if recipe.replay_every and step % recipe.replay_every == recipe.replay_every - 1:
-            context_step(model, opt, world, recipe, tokenizer, people, rng, recipe.stage1_max_texts, data)
-        else:
-            window.append(memory_step(model, opt, world, recipe, tokenizer, draw, rng, data))
-        ema_update(ema, model, recipe.ema)
-        if (step + 1) % recipe.eval_every == 0 or step + 1 == steps:
-            rec = {"stage": stage, "step": step + 1, "min": round((time.time() - t2) / 60, 1),
-                   "train_loss": round(sum(w[0] for w in window) / max(1, len(window)), 3),
-                   "train_acc": round(sum(w[1] for w in window) / max(1, len(window)), 3)}
-            stats = [w[2] for w in window if w[2] is not None]
-            if stats:
-                total = torch.stack(stats).sum(0).tolist()  # see retriever_loss
-                rec["retriever_loss"] = round(total[0] / max(total[1], 1), 4)
-                rec["retriever_recall@R"] = round(total[4] / max(total[1], 1), 3)
-            window = []
-            for name, cond in eval_conditions(mplus).items():
-                rec[name] = round(memory_accuracy(ema, world, recipe, tokenizer, eval_people, seed=0, **cond), 3)
-            rec["in_context_k4"] = round(in_context_accuracy(ema, world, recipe, tokenizer, eval_people, 0, 4), 3)
-            history.append(rec)
-            log(rec)
-    else:
-        step = steps
-    return ema, {"steps": step, "seconds": round(time.time() - t2), "capped_by_minutes": capped,
-                 "data_sha256": data.hexdigest()}, history
+            return context_batch(world, recipe, tokenizer, people, rng, recipe.stage1_batch, recipe.stage1_max_texts)
+        n = rng.randint(1, recipe.mplus_max_texts if mplus else recipe.max_texts)
+        return memory_batch(world, recipe, tokenizer, draw, rng, recipe.batch, n, rng.randrange(n), model.num_layers,
+                            model.config.num_memory_tokens, model.config.num_tokens)
+
+    def loss(batch: ContextBatch | MemoryBatch) -> torch.Tensor:
+        if isinstance(batch, ContextBatch):
+            return context_qa(model, batch, recipe.context_lm_weight)[0]
+        qa = memory_qa(model, batch, retriever_weight=recipe.retriever_weight if mplus else 0.0)
+        window.append((qa.loss.item(), qa.correct.float().mean().item(), qa.retriever))
+        answer_losses.append(qa.answer_loss)
+        return qa.loss
+
+    def on_step(step: int, _loss: float) -> None:
+        nonlocal window
+        if step % recipe.eval_every and step != steps:
+            return
+        rec = {"stage": stage, "step": step, "min": round((time.time() - t2) / 60, 1),
+               "train_loss": round(sum(w[0] for w in window) / max(1, len(window)), 3),
+               "train_acc": round(sum(w[1] for w in window) / max(1, len(window)), 3)}
+        stats = [w[2] for w in window if w[2] is not None]
+        if stats:
+            total = torch.stack(stats).sum(0).tolist()  # see retriever_loss
+            rec["retriever_loss"] = round(total[0] / max(total[1], 1), 4)
+            rec["retriever_recall@R"] = round(total[4] / max(total[1], 1), 3)
+        window = []
+        for name, cond in eval_conditions(mplus).items():
+            rec[name] = round(memory_accuracy(ema.model, world, recipe, tokenizer, eval_people, seed=0, **cond), 3)
+        rec["in_context_k4"] = round(in_context_accuracy(ema.model, world, recipe, tokenizer, eval_people, 0, 4), 3)
+        history.append(rec)
+        log(rec)
+
+    result = optimize(model, recipe, lr, steps, next_batch, loss, on_step, ema=ema)
+    return ema.model, {**result.summary(), "loss": loss_trend(answer_losses)}, history
 
 
 def save_tiny(ema: MemoryModel, tokenizer, out: str | Path, record: dict) -> Path:
@@ -659,18 +523,12 @@ def run(recipe: Recipe, out: str | Path) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
+    """`python -m memllm.recipes.tiny --out DIR`: one option per Recipe field."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", required=True)
-    defaults = Recipe()
-    for name, value in asdict(defaults).items():
-        flag = "--" + name.replace("_", "-")
-        if name == "kind":
-            parser.add_argument(flag, choices=("memoryllm", "mplus", "both"), default=value)
-        else:
-            parser.add_argument(flag, type=type(value), default=value)
-    ns = vars(parser.parse_args(argv))
-    out = ns.pop("out")
-    return run(Recipe(**ns), out)
+    options.add_arguments(parser, Recipe)
+    ns = parser.parse_args(argv)
+    return run(options.from_namespace(Recipe, ns), ns.out)
 
 
 if __name__ == "__main__":

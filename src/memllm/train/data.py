@@ -1,4 +1,4 @@
-"""Training text for memory models: documents in, fixed-length token windows out.
+"""Training data: documents in, fixed-length token windows out; and the batch types of the objectives.
 
 Documents come from .txt files (one per file, or several separated by blank lines with
 `split_blank_lines`), .jsonl files (field "text") or a Hugging Face `datasets` source, a hub name or
@@ -141,3 +141,58 @@ def split_corpus(texts: Sequence[str], heldout_fraction: float, seed: int) -> tu
     n_held = round(len(texts) * heldout_fraction)
     held = set(order[:n_held])
     return [t for i, t in enumerate(texts) if i not in held], [t for i, t in enumerate(texts) if i in held]
+
+
+# ---- batches ---------------------------------------------------------------------------------------
+# What one micro-step trains on. `tensors()` names what identifies the data, for the run's data hash.
+
+
+@dataclass
+class CorpusBatch:
+    """A corpus objective's micro-batch (`memllm train`): n contexts per row from the token corpus."""
+
+    objective: str  # new_knowledge | continuous | forgetting | plain_lm
+    micro_step: int
+    contexts: torch.Tensor  # [B, n, T]: contexts 0..n-2 are injected, n-1 is predicted
+    grad: list[bool]  # per injection: does the gradient flow through it
+    kept: torch.Tensor  # [n-1, B, L, N-K] rows surviving each injection
+    reset: list[bool]  # per row: restart this row's memory from the initial pool first
+    docs: torch.Tensor  # [B, n] corpus document of each context (where its window starts)
+    plain: bool = False  # no injection: the n contexts are read as one text against the memory
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.contexts, self.kept, self.docs, torch.tensor(self.reset)]
+
+
+@dataclass
+class ContextBatch:
+    """In-context QA rows: <bos> context question answer, right-padded."""
+
+    ids: torch.Tensor  # [B, T]
+    answer_pos: torch.Tensor  # [B] position whose logits predict the answer
+    answers: torch.Tensor  # [B]
+    context_len: torch.Tensor  # [B] tokens of <bos> + context (the LM loss is on them)
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.ids, self.answer_pos, self.context_len]
+
+
+@dataclass
+class MemoryBatch:
+    """Memory QA rows: texts written into per-row memories one injection at a time, then a question."""
+
+    texts: list[list[list[int]]]  # n_texts injections, each B token lists (no <bos>, as `model.inject` encodes)
+    target: int  # index of the injection holding the asked person's biography (the same in every row)
+    strangers: torch.Tensor  # [B] bool: the row asks about someone not in memory
+    questions: torch.Tensor  # [B, T] prompt + answer, right-padded
+    labels: torch.Tensor  # [B, T] -100 except the answer token
+    kept: list[torch.Tensor]  # per injection [B, L, N - K] surviving rows
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.questions, self.labels, *(pad(rows, 0) for rows in self.texts), *self.kept]
+
+
+def pad(rows: list[list[int]], value: int) -> torch.Tensor:
+    """Token lists, right-padded with `value` into one tensor [len(rows), longest]."""
+    T = max(len(r) for r in rows)
+    return torch.tensor([r + [value] * (T - len(r)) for r in rows], dtype=torch.long)
