@@ -108,3 +108,18 @@ def test_retention_of_the_shipped_model_does_not_depend_on_the_global_rng():
         runs.append(evaluate.retention(model, world, n_people=4, distractor_counts=(0, 8)))
     assert runs[0] == runs[1]
     assert runs[0]["acc"][0] > 0.8 > runs[0]["floor"] + 0.5  # the shipped model reads its memory
+
+
+def test_error_bars_take_bounds_rounded_past_the_accuracy():
+    """An accuracy and its interval are rounded separately (0.991 vs an upper bound of 0.99): the plot
+    must still draw (matplotlib refuses negative error bars)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from memllm.eval.common import errorbar
+
+    fig, ax = plt.subplots()
+    errorbar(ax, [0, 1], [{"acc": 0.991, "ci": [0.98, 0.99]}, {"acc": 0.0, "ci": [0.001, 0.02]}])
+    plt.close(fig)

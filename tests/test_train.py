@@ -172,14 +172,14 @@ def test_train_accelerate_two_processes(setup, kind):
     accelerate = str(Path(sys.executable).with_name("accelerate"))
     two = subprocess.run(
         [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-         "--dynamo_backend", "no", "-m", "memllm.train.trainer", *common, "--out", str(tmp / f"ddp_{kind}"), "--batch-size", "2"],
+         "--dynamo_backend", "no", "-m", "memllm", "train", *common, "--out", str(tmp / f"ddp_{kind}"), "--batch-size", "2"],
         check=False, env=env, capture_output=True, text=True, timeout=240,
     )
     assert two.returncode == 0, two.stderr[-3000:]
     cfg = TrainConfig(model="", data=[], out="", seed=5, new_knowledge=1, continuous=1, forgetting=1, plain_lm=1)
     assert {objective_at(cfg, m) for m in range(4)} == {"new_knowledge", "continuous", "forgetting", "plain_lm"}
     one = subprocess.run(
-        [sys.executable, "-m", "memllm.train.trainer", *common, "--out", str(tmp / f"single_{kind}"), "--batch-size", "4"],
+        [sys.executable, "-m", "memllm", "train", *common, "--out", str(tmp / f"single_{kind}"), "--batch-size", "4"],
         check=False, env=env, capture_output=True, text=True, timeout=240,
     )
     assert one.returncode == 0, one.stderr[-3000:]
@@ -260,20 +260,16 @@ def test_train_sharded_save_path_rebuilds_the_trained_model(setup):
 
 def test_train_every_option_has_help():
     """Help text lives in the fields' metadata; the command line shows it, defaults included."""
-    import argparse
+    from typer.testing import CliRunner
 
-    from memllm.train import options
+    from memllm.cli import app
 
     helps = config_help(TrainConfig)
     assert set(helps) == {f.name for f in dataclasses.fields(TrainConfig)}
     assert all(helps.values()), [k for k, v in helps.items() if not v]
     assert helps["ltm_rows"].endswith("(default -1)")
-    parser = argparse.ArgumentParser()
-    options.add_arguments(parser, TrainConfig)
-    assert "cosine decay to 10%" in parser.format_help()
-    cfg = options.from_namespace(TrainConfig, parser.parse_args(
-        ["--model", "m", "--data", "a", "b", "--out", "o", "--dropout", "0", "--no-progress", "--train", "full"]))
-    assert (cfg.data, cfg.dropout, cfg.progress, cfg.train, cfg.steps) == (["a", "b"], 0.0, False, "full", 1000)
+    shown = CliRunner().invoke(app, ["train", "--help"], env={"COLUMNS": "200"})
+    assert shown.exit_code == 0 and "cosine decay to 10%" in shown.output
 
 
 def test_train_learning_rate_follows_the_steps():

@@ -696,7 +696,7 @@ def _bench_app() -> typer.Typer:
     def train_step() -> None:
         """One memory-training step (inject with gradient, predict from memory, backward) against a plain LM
         step on the same tokens; JSON."""
-        from memllm.train.trainer import bench_train_step
+        from memllm.bench.train_step import bench_train_step
 
         _echo_json(bench_train_step())
 
@@ -773,7 +773,7 @@ def keys_create(store: str = StoreOpt, catalogue: Optional[str] = CatalogueOpt,
     if admin == (tenant is not None):
         _fail("give --tenant NAME for a tenant's key, or --admin", 2)
     try:
-        out.print(_store(store, catalogue).create_key(None if admin else tenant), highlight=False)
+        typer.echo(_store(store, catalogue).create_key(None if admin else tenant))
     except StoreError as e:
         _fail(str(e))
 

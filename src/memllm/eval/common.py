@@ -137,5 +137,7 @@ class Tally:
 def errorbar(ax, xs, cells: list[dict], **kw) -> None:
     """Accuracies of `cells` (`Tally.as_dict`) at `xs` with their 95% intervals as error bars."""
     ys = [c["acc"] for c in cells]
-    ax.errorbar(xs, ys, yerr=[[y - c["ci"][0] for y, c in zip(ys, cells)], [c["ci"][1] - y for y, c in zip(ys, cells)]],
-                marker="o", capsize=3, **kw)
+    # accuracies and bounds are rounded separately, so a bound can sit a hair on the wrong side of y
+    below = [max(0.0, y - c["ci"][0]) for y, c in zip(ys, cells)]
+    above = [max(0.0, c["ci"][1] - y) for y, c in zip(ys, cells)]
+    ax.errorbar(xs, ys, yerr=[below, above], marker="o", capsize=3, **kw)

@@ -1,9 +1,9 @@
 """Our own tiny memory models, trained from scratch on CPU: the seeded recipe.
 
-    python -m memllm.recipes.tiny --out DIR                      # both: DIR/memoryllm, then DIR/mplus
-    python -m memllm.recipes.tiny --out DIR --kind memoryllm     # stages 1-2 only
-    python -m memllm.recipes.tiny --out DIR --kind mplus --init MEMORYLLM_DIR   # stage 3 only
-    python -m memllm.recipes.tiny --out DIR --kind memoryllm --init MEMORYLLM_DIR --stage2-steps S  # more stage 2
+    memllm recipe tiny --out DIR                      # both: DIR/memoryllm, then DIR/mplus
+    memllm recipe tiny --out DIR --kind memoryllm     # stages 1-2 only
+    memllm recipe tiny --out DIR --kind mplus --init MEMORYLLM_DIR   # stage 3 only
+    memllm recipe tiny --out DIR --kind memoryllm --init MEMORYLLM_DIR --stage2-steps S  # more stage 2
 
 The models must look things up: a memory holds several people (and other text) in any order, the
 question is about any of them, or about someone never written (answer: ``unknown``), in any of many
@@ -44,7 +44,6 @@ a rerun with the same seed and steps on the same software gives the same weights
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import random
@@ -60,7 +59,6 @@ from memllm.core.ops import kept_rows
 from memllm.core.tiny import random_model
 from memllm.synthetic.tokenizer import train_world_tokenizer
 from memllm.synthetic.world import Person, World, WorldConfig
-from memllm.train import options
 from memllm.train.data import ContextBatch, MemoryBatch, pad
 from memllm.train.loop import EMA, DataHash, SingleProcess, fit, loss_trend, make_optimizer
 from memllm.train.objectives import context_qa, memory_qa
@@ -467,7 +465,7 @@ def train_memoryllm(recipe: Recipe, out: str | Path) -> dict:
     draw = world.people_stream("train", seed=recipe.seed + (3000 if recipe.init else 1000)).__next__
     ema, s2, history = memory_stage(model, recipe, world, tokenizer, fixed_people, eval_people, rng, draw,
                                     recipe.lr, recipe.stage2_steps)
-    command = f"python -m memllm.recipes.tiny --kind memoryllm --seed {recipe.seed}"
+    command = f"memllm recipe tiny --kind memoryllm --seed {recipe.seed}"
     if recipe.init:
         command += f" --init {recipe.init} --stage2-steps {recipe.stage2_steps}"
         earlier = json.loads((Path(recipe.init) / "recipe.json").read_text())
@@ -502,7 +500,7 @@ def train_mplus(recipe: Recipe, memoryllm_dir: str | Path, out: str | Path) -> d
                                     recipe.mplus_lr, recipe.stage3_steps)
     record = {"recipe": asdict(recipe), "world": asdict(world.config), "from": str(memoryllm_dir), "stage3": s3,
               "history": history,
-              "command": f"python -m memllm.recipes.tiny --kind mplus --init MEMORYLLM_DIR --seed {recipe.seed}"}
+              "command": f"memllm recipe tiny --kind mplus --init MEMORYLLM_DIR --seed {recipe.seed}"}
     path = save_tiny(ema, tokenizer, out, record)
     summary = {"event": "saved", "out": str(path), "params": n_params, "stage3": s3, "total_s": round(time.time() - t0)}
     log(summary)
@@ -520,16 +518,3 @@ def run(recipe: Recipe, out: str | Path) -> dict:
         return train_mplus(recipe, recipe.init, out)
     first = train_memoryllm(recipe, Path(out) / "memoryllm")
     return {"memoryllm": first, "mplus": train_mplus(recipe, Path(out) / "memoryllm", Path(out) / "mplus")}
-
-
-def main(argv: list[str] | None = None) -> dict:
-    """`python -m memllm.recipes.tiny --out DIR`: one option per Recipe field."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out", required=True)
-    options.add_arguments(parser, Recipe)
-    ns = parser.parse_args(argv)
-    return run(options.from_namespace(Recipe, ns), ns.out)
-
-
-if __name__ == "__main__":
-    main()

@@ -29,7 +29,7 @@ from pydantic import BaseModel, Field
 
 from memllm.core.memory import Memory, MemoryFileError, MemoryMismatchError
 from memllm.core.model import MemoryModel
-from memllm.serve.store import Key, MemoryRecord, NotFound, Store, StoreError
+from memllm.serve.store import Key, MemoryRecord, NotFound, Store, StoreError, VersionConflict
 from memllm.serve.worker import Ask, Inject, Stream, Worker
 
 
@@ -115,7 +115,7 @@ def create_app(model: MemoryModel, store: Store, model_name: str = "memllm", lim
     in_flight = asyncio.Semaphore(limits.max_in_flight)
     errors = {status: {"model": ErrorBody, "description": why} for status, why in (
         (400, "bad input"), (401, "no valid API key"), (403, "an admin key used for memories"),
-        (404, "no such memory (or another tenant's)"), (413, "over a size limit"), (429, "too many requests in flight"))}
+        (404, "no such memory (or another tenant's)"), (409, "other writers kept winning; retry"), (413, "over a size limit"), (429, "too many requests in flight"))}
     app = FastAPI(title="memllm", version="1", description=__doc__.split("\n\n")[0], responses=errors)
     app.state.worker, app.state.store = worker, store
 
@@ -216,7 +216,11 @@ def create_app(model: MemoryModel, store: Store, model_name: str = "memllm", lim
         store.get(key.tenant, memory_id)
         try:
             version, ids = await run(Inject(key.tenant, memory_id, texts, key.id))
-        except ValueError as e:
+        except VersionConflict as e:  # other writers kept winning for WRITE_PATIENCE_S: retry later
+            raise HTTPException(409, str(e)) from e
+        except StoreError:
+            raise
+        except ValueError as e:  # the model refused the text
             raise HTTPException(400, str(e)) from e
         return {"memory": memory_id, "version": version, "updates": ids}
 

@@ -13,7 +13,9 @@ write that lost the race to another process is replayed on the new version (comp
 from __future__ import annotations
 
 import queue
+import random
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -27,7 +29,7 @@ from memllm.core.memory import Memory
 from memllm.core.model import MemoryModel
 from memllm.serve.store import Store, Update, VersionConflict, update_seed
 
-RETRIES = 8  # compare-and-swap attempts before an injection is failed
+WRITE_PATIENCE_S = 120.0  # how long an injection keeps retrying a compare-and-swap it keeps losing
 
 
 @dataclass
@@ -219,8 +221,10 @@ class Worker:
 
     def _inject(self, job: Inject) -> tuple[int, list[str]]:
         """Write the texts (one update each) into a fork of the current memory and commit it as the next
-        version; on a conflict (another process wrote first) start again from the new version."""
-        for _ in range(RETRIES):
+        version; on a conflict (another process wrote first) start again from the new version, after a
+        short random pause so that two writers do not keep colliding."""
+        deadline = time.monotonic() + WRITE_PATIENCE_S
+        while True:
             memory, version = self.current(job.tenant, job.memory_id)
             updated = memory.fork()
             written = []
@@ -232,7 +236,9 @@ class Worker:
                 new, ids = self.store.commit(job.tenant, job.memory_id, version, updated, written)
             except VersionConflict:
                 self.cache.drop(job.memory_id)
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(random.uniform(0.0, 0.05))
                 continue
             self.cache.put(job.memory_id, new, updated)
             return new, ids
-        raise VersionConflict(f"memory {job.memory_id} kept changing under {RETRIES} attempts to write it")

@@ -4,7 +4,7 @@ vectors a prediction needs, its statistics, and the key refresh a trained retrie
 Positives are the memory vectors written by the related context, every other vector a negative; the
 score is the mean over query tokens of sigmoid(query · key); the loss is BCE with the positive and
 negative terms averaged separately. The `encoder_query_proj` is trained the same way on the vectors
-about to be written (see `memllm.train.trainer.MemoryTraining`).
+about to be written (see `memllm.train.objectives.MemoryTraining`).
 """
 
 from __future__ import annotations
@@ -16,7 +16,9 @@ from typing import Iterator
 import torch
 from torch import nn
 
+from memllm.core import hf_compat
 from memllm.core.model import MemoryModel
+from memllm.core.mplus import retrieval_keys
 
 
 @contextmanager
@@ -26,8 +28,7 @@ def layer_inputs(model: MemoryModel, captured: dict[int, torch.Tensor], last: in
 
     def hook_for(l: int):
         def hook(module, args, kwargs):
-            hidden = args[0] if args else kwargs["hidden_states"]
-            captured[l] = hidden[:, -last:].detach()
+            captured[l] = hf_compat.layer_hidden(args, kwargs)[:, -last:].detach()
         return hook
 
     with model.layer_hooks(pre=hook_for):
@@ -52,11 +53,10 @@ def retriever_loss(
     R = model.config.num_retrieved
     losses, stats = [], torch.zeros(6, dtype=torch.float64)
     for l, layer in enumerate(model.layers):
-        attn = layer.self_attn
-        dev = layer.input_layernorm.weight.device
+        attn, norm, dev = hf_compat.attention(layer), hf_compat.input_norm(layer), hf_compat.layer_device(layer)
         with torch.no_grad():  # the published retriever reads detached hidden states
-            hq = layer.input_layernorm(hidden[l].to(dev))
-            hk = layer.input_layernorm(candidates[:, l].detach().to(dev, hq.dtype))
+            hq = norm(hidden[l].to(dev))
+            hk = norm(candidates[:, l].detach().to(dev, hq.dtype))
         q = getattr(attn, projector)(hq).float()  # [B, T, s]
         k = attn.key_proj(hk).float()  # [B, C, s]
         pos = positive[:, l].to(dev)
@@ -110,15 +110,13 @@ def retriever_record(window: dict[str, torch.Tensor]) -> dict[str, float]:
 def refresh_ltm_keys(model: MemoryModel, chunk: int = 8192) -> None:
     """Recompute the retrieval keys of the model's initial long-term memory (and its cache of dropped
     rows) with the current key_proj: after training the retriever the stored keys are stale."""
-    ltm = getattr(model, "initial_ltm", None)
+    ltm = model.initial_ltm
     if ltm is None:
         return
 
     def keys(l: int, rows: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        layer = model.layers[l]
-        dev = layer.input_layernorm.weight.device
-        out = [layer.self_attn.key_proj(layer.input_layernorm(part.to(dev, model.dtype))).to("cpu", like.dtype)
-               for part in rows.split(chunk)]
+        dev = hf_compat.layer_device(model.layers[l])
+        out = [retrieval_keys(model, l, part.to(dev, model.dtype)).to("cpu", like.dtype) for part in rows.split(chunk)]
         return torch.cat(out) if out else like.new_empty(0, like.shape[-1])
 
     for l, st in enumerate(ltm.layers):

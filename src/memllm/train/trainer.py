@@ -1,7 +1,7 @@
 """Teach a memory model to use its memory (SPEC §5, MemoryLLM §3.2): `memllm train`.
 
-    python -m memllm.train.trainer --model ckpt/ --data corpus.jsonl --out runs/a --steps 1000
-    accelerate launch --num_processes 8 -m memllm.train.trainer --model ckpt/ --data corpus.jsonl --out runs/a
+    memllm train --model ckpt/ --data corpus.jsonl --out runs/a --steps 1000
+    accelerate launch --num_processes 8 -m memllm train --model ckpt/ --data corpus.jsonl --out runs/a
 
 Every batch row carries its own memory pool (`RowMemories`: pools [B, L, N, d], the document of each
 row, M+ a long-term memory): it starts as the checkpoint's initial pool and keeps every injection of
@@ -25,7 +25,6 @@ bit-for-bit agreement across process counts.
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import json
 import random
@@ -38,11 +37,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from memllm.core import hf_compat
 from memllm.core.inject import delta_memory
 from memllm.core.model import MemoryModel
 from memllm.core.mplus import RowLTM
 from memllm.core.ops import kept_rows, write_pool
-from memllm.train import options
 from memllm.train.data import CorpusBatch, TokenCorpus, read_documents
 from memllm.train.loop import EMA, DataHash, fit, make_optimizer
 from memllm.train.objectives import CORPUS_OBJECTIVES, MemoryTraining, read
@@ -204,8 +203,8 @@ def trainable_parameters(model: MemoryModel, what: str) -> list[nn.Parameter]:
     if model.config.kind == "mplus":
         for layer in model.layers:
             for name in RETRIEVER_PROJECTORS:
-                if hasattr(layer.self_attn, name):
-                    getattr(layer.self_attn, name).requires_grad_(True)
+                if hasattr(hf_compat.attention(layer), name):
+                    getattr(hf_compat.attention(layer), name).requires_grad_(True)
     return [p for p in model.parameters() if p.requires_grad]
 
 
@@ -258,12 +257,6 @@ def _train(cfg: TrainConfig) -> dict[str, Any]:
     torch.manual_seed(cfg.seed)
     model = ckpt.load(cfg.model, dtype=torch.float32, load_tokenizer=True)
     mplus = model.config.kind == "mplus"
-    if mplus and getattr(model, "initial_ltm", None) is None:
-        from memllm.core.ltm import LongTermMemory
-        from memllm.core.mplus import ltm_config
-
-        model.initial_ltm = LongTermMemory.empty(ltm_config(model), model.num_layers, model.hidden_size,
-                                                 model.config.selector_hidden_dim)
     if model.tokenizer is None:
         raise ValueError(f"{cfg.model} has no tokenizer: training needs one to read the text")
     model.to(acc.device)
@@ -314,7 +307,6 @@ def _train(cfg: TrainConfig) -> dict[str, Any]:
         return make_batch(cfg, corpus, model, step * cfg.grad_accum + micro, rows)
 
     def loss(batch: CorpusBatch) -> torch.Tensor:
-        nonlocal retr_window
         torch.manual_seed(hash((cfg.seed, batch.micro_step, rank)) % (1 << 62))  # dropout: reproducible on resume
         memories.reset(batch.reset, initial)
         value, pools, info = module(batch.contexts.to(acc.device), memories.pools, batch.grad,
@@ -466,67 +458,3 @@ def retriever_metrics(model: MemoryModel, contexts: torch.Tensor, num_distractor
     _, _, info = module(ids.to(model.device), pool, [False] * (n - 1), kept, docs=docs, pool_docs=pool_docs,
                         ltm=RowLTM.empty(pool), stm_ages=torch.zeros(pool.shape[:3], dtype=torch.long))
     return retriever_record({"retriever": info["retriever"], "encoder": torch.zeros(6, dtype=torch.float64)})
-
-
-def bench_train_step(
-    model: MemoryModel | None = None, batch_size: int = 4, context_len: int = 256, repeats: int = 5
-) -> dict[str, float]:
-    """Seconds of one new-knowledge training step (inject x1 with gradient, predict x2 from memory,
-    backward) against one plain LM step (forward + backward, no memory) on the same 2T tokens."""
-    if model is None:
-        from memllm.core.tiny import random_model
-
-        model = random_model(num_layers=4, hidden_size=256, num_heads=8, num_kv_heads=4, intermediate_size=688,
-                             num_tokens=64, num_blocks=4, lora_rank=8)
-    trainable_parameters(model, "lora" if model.config.lora_config is not None else "full")
-    module = MemoryTraining(model).train()
-    vocab = model.lm.config.vocab_size
-    g = torch.Generator().manual_seed(0)
-    contexts = torch.randint(0, vocab, (batch_size, 2, context_len), generator=g)
-    pool = model.initial_pool.detach().unsqueeze(0).repeat(batch_size, 1, 1, 1)
-    N, K = model.config.num_memory_tokens, model.config.num_tokens
-    kept = torch.stack([seeded_kept(model, b) for b in range(batch_size)]).unsqueeze(0)  # [1, B, L, N-K]
-
-    def memory_step() -> None:
-        loss, _, _ = module(contexts, pool, [True], kept)
-        loss.backward()
-
-    def lm_step() -> None:
-        with model.adapter("decoder"):
-            ids = contexts.reshape(batch_size, -1)
-            model.lm(input_ids=ids, labels=ids).loss.backward()
-
-    def once(fn) -> float:
-        model.zero_grad(set_to_none=True)
-        t = time.perf_counter()
-        fn()
-        return time.perf_counter() - t
-
-    lm_step(), memory_step()  # warm-up
-    # The two steps take turns, so a change in the machine's load hits both alike.
-    times = [(once(lm_step), once(memory_step)) for _ in range(repeats)]
-    lm_s = sorted(t[0] for t in times)[repeats // 2]
-    mem_s = sorted(t[1] for t in times)[repeats // 2]
-    return {"batch_size": batch_size, "context_len": context_len, "memory_vectors": N, "written_per_injection": K,
-            "lm_step_s": lm_s, "memory_step_s": mem_s, "memory_step_over_lm_step": mem_s / lm_s}
-
-
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    """`python -m memllm.train.trainer`: one option per TrainConfig field (`--bench`: time a step)."""
-    parser = argparse.ArgumentParser(prog="memllm.train.trainer", description="Train a memory model to use its memory.")
-    parser.add_argument("--bench", action="store_true", help="time a memory training step against an LM step")
-    options.add_arguments(parser, TrainConfig, required=False)
-    args = parser.parse_args(argv)
-    if args.bench:
-        result = bench_train_step()
-    else:
-        missing = [f"--{n}" for n in ("model", "data", "out") if getattr(args, n) is None]
-        if missing:
-            parser.error(f"the following arguments are required: {', '.join(missing)}")
-        result = train(options.from_namespace(TrainConfig, args))
-    print(json.dumps(result))
-    return result
-
-
-if __name__ == "__main__":
-    main()

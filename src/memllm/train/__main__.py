@@ -1,3 +1,0 @@
-from memllm.train.trainer import main
-
-main()
