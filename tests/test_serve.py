@@ -210,14 +210,15 @@ def test_bad_requests_get_clear_errors_and_change_nothing(served):
     assert store.history("acme", mid) == []
 
 
-def test_concurrent_injections_through_the_api_are_all_applied(served):
+@pytest.mark.parametrize("n, clients", [(24, 8), (200, 16)])
+def test_concurrent_injections_through_the_api_are_all_applied(served, n, clients):
     client, store, _ = served
     mid = client.post("/v1/memories", json={}).json()["id"]
-    texts = [f"Note {i}: the meeting room for team {i} is on floor {i % 7}, booked by Ga Rus." for i in range(24)]
-    with ThreadPoolExecutor(8) as pool:
+    texts = [f"Note {i}: the meeting room for team {i} is on floor {i % 7}, booked by Ga Rus." for i in range(n)]
+    with ThreadPoolExecutor(clients) as pool:
         results = list(pool.map(lambda t: client.post(f"/v1/memories/{mid}/inject", json={"text": t}), texts))
     assert all(r.status_code == 200 for r in results)
-    assert sorted(r.json()["version"] for r in results) == list(range(2, 26))
+    assert sorted(r.json()["version"] for r in results) == list(range(2, n + 2))
     history = store.history("acme", mid)
     assert sorted(h["text"] for h in history) == sorted(texts)
     # the final state equals applying them one by one in the recorded order, each update's drops
@@ -228,7 +229,7 @@ def test_concurrent_injections_through_the_api_are_all_applied(served):
     for h in sorted(history, key=lambda h: (h["version"], h["seq"])):
         model.inject(replay, h["text"], drop=seeded_drop(model, h["id"]))
     final, _ = store.load("acme", mid)
-    assert final.num_updates == replay.num_updates == 24
+    assert final.num_updates == replay.num_updates == n
     assert torch.equal(final.pool, replay.pool)
 
 
