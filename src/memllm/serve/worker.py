@@ -16,6 +16,7 @@ import queue
 import random
 import threading
 import time
+import warnings
 from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -229,7 +230,10 @@ class Worker:
             updated = memory.fork()
             written = []
             for text in job.texts:
-                update = Update(text=text, tokens=int(self.model.encode_context(text).numel()), key=job.key)
+                with warnings.catch_warnings():  # a short text's warning comes once, from the injection below
+                    warnings.simplefilter("ignore")
+                    tokens = int(self.model.encode_context(text).numel())
+                update = Update(text=text, tokens=tokens, key=job.key)
                 self.model.inject(updated, text, drop=seeded_drop(self.model, update.id))
                 written.append(update)
             try:
