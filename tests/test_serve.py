@@ -200,6 +200,8 @@ def test_bad_requests_get_clear_errors_and_change_nothing(served):
         (client.get(f"/v1/memories/{mid}", headers={"authorization": f"Bearer {other}"}), 404),
         (client.get(f"/v1/memories/{mid}", headers={"authorization": "Bearer mk-key_00-nope"}), 401),
         (client.post("/v1/memories/import", files={"file": ("x.mem", b"not a memory")}), 400),
+        (client.post("/v1/chat/completions", json={"model": mid, "max_tokens": 4, "messages": [
+            {"role": "user", "content": "Q: " + "a " * 850 + "A:"}]}), 400),  # 850 tokens: past the positions
         (client.post(f"/v1/memories/{mid}/inject", content=b"{" + b" " * (5 << 20) + b"}",
                      headers={"content-type": "application/json"}), 413),
     ]

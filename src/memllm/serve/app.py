@@ -133,6 +133,11 @@ def create_app(model: MemoryModel, store: Store, model_name: str = "memllm", lim
     async def store_error(request: Request, e: StoreError):
         return JSONResponse(_error(str(e)), status_code=404 if isinstance(e, NotFound) else 400)
 
+    @app.exception_handler(ValueError)
+    async def refused_by_the_model(request: Request, e: ValueError):
+        """The model's checks (a question longer than its positions, bad token ids, ...): bad input."""
+        return JSONResponse(_error(str(e)), status_code=400)
+
     async def run(job) -> Any:
         return await asyncio.wrap_future(worker.submit(job))
 
