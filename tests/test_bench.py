@@ -73,3 +73,22 @@ def test_the_timer_interleaves_the_cases_and_skips_the_warm_up_round():
     assert median([3.0, 1.0, 2.0]) == 2.0 and median([4.0, 1.0, 3.0, 2.0]) == 2.5
     with pytest.raises(ValueError):
         interleaved_medians(cases, repeats=0)
+
+
+def test_bench_serve_times_both_modes_in_one_run():
+    """`memllm bench serve`: every cell has asks and injections timed batched and one at a time, and the
+    ratio is of the two measured in this run."""
+    pytest.importorskip("fastapi")
+    from typer.testing import CliRunner
+
+    from memllm.cli import app
+
+    done = CliRunner().invoke(app, ["bench", "serve", "--clients", "2", "--memories", "2", "--requests", "2"])
+    assert done.exit_code == 0, done.output
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    (cell,) = result["cells"]
+    for mode in ("batched", "one_at_a_time"):
+        assert cell[f"ask_{mode}"]["requests"] == 4 and cell[f"inject_{mode}"]["requests"] == 2
+        assert cell[f"ask_{mode}"]["p50_ms"] <= cell[f"ask_{mode}"]["p95_ms"]
+    assert cell["ask_speedup"] == round(cell["ask_batched"]["per_s"] / cell["ask_one_at_a_time"]["per_s"], 2)
+    assert result["batched_speedup_16_clients_8_memories"] is None  # that cell was not run

@@ -299,3 +299,23 @@ def test_keys_from_the_command_line(tmp_path):
     both = runner.invoke(app, ["serve", "keys", "create", "--store", str(tmp_path), "--tenant", "a", "--admin"])
     assert both.exit_code == 2 and "--tenant" in both.output
     assert runner.invoke(app, ["serve"]).exit_code == 2  # no --store
+
+
+def test_memory_cache_keeps_the_recently_used_within_its_bytes(model):
+    from memllm.serve.worker import MemoryCache
+
+    one = model.new_memory()
+    size = one.pool.numel() * one.pool.element_size()
+    cache = MemoryCache(max_bytes=2 * size)
+    for name in ("a", "b"):
+        cache.put(name, 1, model.new_memory())
+    cache.put("a", 2, model.new_memory())  # a new version replaces the old entry, not added beside it
+    assert cache.bytes == 2 * size and cache.get("a", 1) is None and cache.get("a", 2) is not None
+    cache.get("b", 1)  # b is now the most recently used
+    cache.put("c", 1, model.new_memory())  # over the bound: a, the least recently used, goes
+    assert list(cache.entries) == ["b", "c"] and cache.bytes == 2 * size
+    cache.drop("b")
+    assert cache.bytes == size
+    small = MemoryCache(max_bytes=size // 2)  # a memory larger than the bound still stays loaded
+    small.put("x", 1, model.new_memory())
+    assert small.get("x", 1) is not None

@@ -6,10 +6,8 @@ from __future__ import annotations
 import os
 import random
 import signal
-import socket
-import subprocess
-import sys
 import threading
+from contextlib import ExitStack
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -22,33 +20,13 @@ pytest.importorskip("fastapi")
 import memllm  # noqa: E402
 from memllm.core.memory import Memory  # noqa: E402
 from memllm.serve.store import Store  # noqa: E402
+from memllm.bench.serve import ServerProcess  # noqa: E402
 from memllm.serve.worker import seeded_drop  # noqa: E402
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(store_dir: str) -> tuple[subprocess.Popen, str]:
-    port = _free_port()
-    code = ("from memllm.serve.run import serve; "
-            f"serve('tiny-memoryllm', {store_dir!r}, port={port}, threads=1)")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited: {proc.stderr.read().decode()[-2000:]}")
-        try:
-            httpx.get(url + "/v1/models", timeout=1)
-            return proc, url
-        except httpx.HTTPError:
-            time.sleep(0.2)
-    proc.kill()
-    raise RuntimeError("server did not start in 120 s")
+def server(store_dir) -> ServerProcess:
+    """`memllm.serve.run.serve` on the shipped tiny model in its own process (see memllm.bench.serve)."""
+    return ServerProcess("tiny-memoryllm", str(store_dir), max_batch=64, threads=1)
 
 
 def note(i: int) -> str:
@@ -59,23 +37,19 @@ def test_two_server_processes_on_one_store_lose_no_write(tmp_path):
     store = Store(str(tmp_path))
     key = store.create_key("acme")
     headers = {"authorization": f"Bearer {key}"}
-    servers = [start_server(str(tmp_path)) for _ in range(2)]
-    try:
-        mid = httpx.post(servers[0][1] + "/v1/memories", json={}, headers=headers).json()["id"]
+    with ExitStack() as stack:
+        servers = [stack.enter_context(server(tmp_path)) for _ in range(2)]
+        mid = httpx.post(servers[0].url + "/v1/memories", json={}, headers=headers).json()["id"]
         n = 24
 
         def inject(i: int) -> int:
-            url = servers[i % 2][1]
+            url = servers[i % 2].url
             r = httpx.post(f"{url}/v1/memories/{mid}/inject", json={"text": note(i)}, headers=headers, timeout=300)
             r.raise_for_status()
             return r.json()["version"]
 
         with ThreadPoolExecutor(8) as pool:
             versions = list(pool.map(inject, range(n)))
-    finally:
-        for proc, _ in servers:
-            proc.kill()
-            proc.wait()
     assert sorted(versions) == list(range(2, n + 2))  # every write got its own version, none lost
     history = store.history("acme", mid)
     assert sorted(h["text"] for h in history) == sorted(note(i) for i in range(n))
@@ -96,34 +70,35 @@ def kill_trials(tmp_path, trials: int) -> None:
     acknowledged: dict[str, set[str]] = {}
     memory_ids: list[str] = []
     for trial in range(trials):
-        proc, url = start_server(store_dir)
-        if not memory_ids:
-            memory_ids.append(httpx.post(url + "/v1/memories", json={}, headers=headers).json()["id"])
-        mid = memory_ids[0]
-        stop = threading.Event()
+        with server(store_dir) as running:  # killed below; leaving the block reaps it
+            url = running.url
+            if not memory_ids:
+                memory_ids.append(httpx.post(url + "/v1/memories", json={}, headers=headers).json()["id"])
+            mid = memory_ids[0]
+            stop = threading.Event()
 
-        def client(c: int) -> None:
-            i = 0
-            with httpx.Client(timeout=30) as http:
-                while not stop.is_set():
-                    try:
-                        r = http.post(f"{url}/v1/memories/{mid}/inject", json={"text": note(1000 * c + i)},
-                                      headers=headers)
-                    except httpx.HTTPError:
-                        return
-                    if r.status_code == 200:
-                        acknowledged.setdefault(mid, set()).update(r.json()["updates"])
-                    i += 1
+            def client(c: int) -> None:
+                i = 0
+                with httpx.Client(timeout=30) as http:
+                    while not stop.is_set():
+                        try:
+                            r = http.post(f"{url}/v1/memories/{mid}/inject", json={"text": note(1000 * c + i)},
+                                          headers=headers)
+                        except httpx.HTTPError:
+                            return
+                        if r.status_code == 200:
+                            acknowledged.setdefault(mid, set()).update(r.json()["updates"])
+                        i += 1
 
-        threads = [threading.Thread(target=client, args=(c,)) for c in range(3)]
-        for t in threads:
-            t.start()
-        time.sleep(rng.uniform(0.3, 2.0))
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
-        stop.set()
-        for t in threads:
-            t.join()
+            threads = [threading.Thread(target=client, args=(c,)) for c in range(3)]
+            for t in threads:
+                t.start()
+            time.sleep(rng.uniform(0.3, 2.0))
+            os.kill(running.proc.pid, signal.SIGKILL)
+            running.proc.wait()
+            stop.set()
+            for t in threads:
+                t.join()
         # the store opens, every acknowledged update is there, every available version loads
         reopened = Store(store_dir)
         recorded = {h["id"] for h in reopened.history("acme", mid)}

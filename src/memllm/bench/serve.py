@@ -10,8 +10,6 @@ server issue targets (>= 3).
 
 from __future__ import annotations
 
-import json
-import os
 import socket
 import statistics
 import subprocess
@@ -24,6 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 
+from memllm.bench.timing import load_average
 from memllm.core.checkpoint import load
 from memllm.serve.store import Store
 
@@ -40,7 +39,8 @@ def _free_port() -> int:
 
 
 class ServerProcess:
-    """`memllm.serve.run.serve` in a process of its own (the clients' threads must not share its GIL)."""
+    """`memllm.serve.run.serve` in a process of its own (the clients' threads must not share its GIL);
+    `proc` is the process, `url` where it listens once the `with` block is entered."""
 
     def __init__(self, model_path: str, store_dir: str, max_batch: int, threads: int | None) -> None:
         self.port = _free_port()
@@ -50,8 +50,7 @@ class ServerProcess:
                      f"max_batch={max_batch}, limits=Limits(max_in_flight=4096))")
 
     def __enter__(self) -> "ServerProcess":
-        env = {**os.environ, **({"OMP_NUM_THREADS": "1"} if os.environ.get("OMP_NUM_THREADS") else {})}
-        self.proc = subprocess.Popen([sys.executable, "-c", self.code], env=env, stdout=subprocess.DEVNULL,
+        self.proc = subprocess.Popen([sys.executable, "-c", self.code], stdout=subprocess.DEVNULL,
                                      stderr=subprocess.PIPE)
         deadline = time.time() + 180
         while time.time() < deadline:
@@ -99,13 +98,14 @@ def _cell(n_clients: int, requests_per_client: int, send: Callable[[httpx.Client
 def run_bench_serve(model_path: str = "tiny-memoryllm", clients: tuple[int, ...] = (1, 4, 16, 64),
                     memories: tuple[int, ...] = (1, 8, 64), requests_per_client: int = 4, max_new_tokens: int = 4,
                     threads: int | None = None, report: Callable[[str], None] = print) -> dict:
-    """Every (clients, memories) cell, batched and one at a time; returns the results (also printed)."""
+    """Every (clients, memories) cell, batched and one at a time: a line per cell to `report`; returns the
+    results (the command prints them as its last line)."""
     import torch
 
     if threads:
         torch.set_num_threads(threads)
     model = load(model_path)
-    results: dict = {"model": model_path, "load_average": os.getloadavg()[0], "threads": torch.get_num_threads(),
+    results: dict = {"model": model_path, "load_average": load_average(), "threads": torch.get_num_threads(),
                      "max_new_tokens": max_new_tokens, "requests_per_client": requests_per_client, "cells": []}
     with tempfile.TemporaryDirectory() as tmp:
         store = Store(tmp)
@@ -144,5 +144,4 @@ def run_bench_serve(model_path: str = "tiny-memoryllm", clients: tuple[int, ...]
                 results["cells"].append(cell)
     target = [c for c in results["cells"] if c["clients"] == 16 and c["memories"] == 8]
     results["batched_speedup_16_clients_8_memories"] = target[0]["ask_speedup"] if target else None
-    report(json.dumps(results))
     return results

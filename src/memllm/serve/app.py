@@ -141,10 +141,10 @@ def create_app(model: MemoryModel, store: Store, model_name: str = "memllm", lim
     async def run(job) -> Any:
         return await asyncio.wrap_future(worker.submit(job))
 
-    def memory_of(key: Key, model_field: str, memory_field: str | None) -> str:
-        memory_id = memory_field or model_field.rsplit("/", 1)[-1]
-        store.get(key.tenant, memory_id)  # 404 unless the caller's tenant owns it
-        return memory_id
+    def memory_of(model_field: str, memory_field: str | None) -> str:
+        """The memory a completion reads: the `memory` field, else the last part of `model`. The worker
+        checks that the caller's tenant owns it (404 otherwise) when it loads it."""
+        return memory_field or model_field.rsplit("/", 1)[-1]
 
     def check_text(text: str) -> None:
         if not text.strip():
@@ -169,13 +169,14 @@ def create_app(model: MemoryModel, store: Store, model_name: str = "memllm", lim
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatRequest, key: Caller):
-        memory_id = memory_of(key, body.model, body.memory)
+        memory_id = memory_of(body.model, body.memory)
         question = next((m.content for m in reversed(body.messages) if m.role == "user"), None)
         if question is None:
             raise HTTPException(400, "no user message to answer")
         check_text(question)
         n = max_new(body.max_completion_tokens or body.max_tokens)
-        if body.stream:
+        if body.stream:  # once a stream has begun its status is sent: refuse an unknown memory first
+            store.get(key.tenant, memory_id)
             return _sse(worker, Stream(key.tenant, memory_id, question, n, emit=lambda _: None), body.model, chat=True)
         answer = await run(Ask(key.tenant, memory_id, question, n))
         if body.write_to_memory:
@@ -184,10 +185,11 @@ def create_app(model: MemoryModel, store: Store, model_name: str = "memllm", lim
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, key: Caller):
-        memory_id = memory_of(key, body.model, body.memory)
+        memory_id = memory_of(body.model, body.memory)
         check_text(body.prompt)
         n = max_new(body.max_tokens)
-        if body.stream:
+        if body.stream:  # as for chat: refuse an unknown memory before the stream begins
+            store.get(key.tenant, memory_id)
             return _sse(worker, Stream(key.tenant, memory_id, body.prompt, n, emit=lambda _: None, chat=False),
                         body.model, chat=False)
         answer = await run(Ask(key.tenant, memory_id, body.prompt, n, chat=False))
@@ -218,7 +220,6 @@ def create_app(model: MemoryModel, store: Store, model_name: str = "memllm", lim
             raise HTTPException(413, f"{len(texts)} texts: at most {limits.max_batch_texts} per request")
         for text in texts:
             check_text(text)
-        store.get(key.tenant, memory_id)
         try:
             version, ids = await run(Inject(key.tenant, memory_id, texts, key.id))
         except VersionConflict as e:  # other writers kept winning for WRITE_PATIENCE_S: retry later

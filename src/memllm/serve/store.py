@@ -235,20 +235,23 @@ class Store:
     def get(self, tenant: str, memory_id: str) -> MemoryRecord:
         """The memory's record; NotFound for another tenant's memory, as for one that does not exist."""
         check_memory_id(memory_id)
-        with self.engine.connect() as db:
-            row = db.execute(sa.select(memories).where(memories.c.id == memory_id, memories.c.tenant == tenant,
-                                                       ~memories.c.deleted)).first()
-            if row is None:
-                raise NotFound(f"no memory {memory_id!r}")
-            n = db.execute(sa.select(versions.c.updates).where(versions.c.memory == memory_id,
-                                                               versions.c.version == row.version)).scalar_one()
-        return MemoryRecord(row.id, row.tenant, row.name, row.fingerprint, row.version, row.created, n)
+        found = self._records(tenant, memories.c.id == memory_id)
+        if not found:
+            raise NotFound(f"no memory {memory_id!r}")
+        return found[0]
 
     def list(self, tenant: str) -> list[MemoryRecord]:
+        return self._records(tenant)
+
+    def _records(self, tenant: str, *where) -> list[MemoryRecord]:
+        """The tenant's live memories (matching `where`), oldest first, each with its current version's
+        update count: one query."""
+        current = sa.and_(versions.c.memory == memories.c.id, versions.c.version == memories.c.version)
+        query = (sa.select(memories, versions.c.updates).join(versions, current)
+                 .where(memories.c.tenant == tenant, ~memories.c.deleted, *where).order_by(memories.c.created))
         with self.engine.connect() as db:
-            ids = db.execute(sa.select(memories.c.id).where(memories.c.tenant == tenant, ~memories.c.deleted)
-                             .order_by(memories.c.created)).scalars().all()
-        return [self.get(tenant, i) for i in ids]
+            rows = db.execute(query).all()
+        return [MemoryRecord(r.id, r.tenant, r.name, r.fingerprint, r.version, r.created, r.updates) for r in rows]
 
     def load(self, tenant: str, memory_id: str, version: int | None = None, device: str = "cpu") -> tuple[Memory, int]:
         """(the memory at `version` (default: current), that version)."""

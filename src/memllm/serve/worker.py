@@ -76,7 +76,8 @@ class MemoryCache:
 
     def __init__(self, max_bytes: int) -> None:
         self.max_bytes = max_bytes
-        self.entries: OrderedDict[str, tuple[int, Memory]] = OrderedDict()
+        self.entries: OrderedDict[str, tuple[int, Memory, int]] = OrderedDict()  # id -> (version, memory, bytes)
+        self.bytes = 0
 
     def get(self, memory_id: str, version: int) -> Memory | None:
         entry = self.entries.get(memory_id)
@@ -86,17 +87,17 @@ class MemoryCache:
         return entry[1]
 
     def put(self, memory_id: str, version: int, memory: Memory) -> None:
-        self.entries[memory_id] = (version, memory)
-        self.entries.move_to_end(memory_id)
+        self.drop(memory_id)
+        size = _nbytes(memory)
+        self.entries[memory_id] = (version, memory, size)
+        self.bytes += size
         while len(self.entries) > 1 and self.bytes > self.max_bytes:
-            self.entries.popitem(last=False)
+            self.bytes -= self.entries.popitem(last=False)[1][2]
 
     def drop(self, memory_id: str) -> None:
-        self.entries.pop(memory_id, None)
-
-    @property
-    def bytes(self) -> int:
-        return sum(_nbytes(m) for _, m in self.entries.values())
+        entry = self.entries.pop(memory_id, None)
+        if entry is not None:
+            self.bytes -= entry[2]
 
 
 def _nbytes(memory: Memory) -> int:
