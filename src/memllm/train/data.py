@@ -16,7 +16,6 @@ any machine and any number of processes.
 
 from __future__ import annotations
 
-import bisect
 import json
 import random
 from collections.abc import Iterable, Sequence
@@ -128,19 +127,6 @@ class TokenCorpus:
             while doc == exclude:
                 doc = rng.randrange(len(self))
         return doc, self.window(doc, num_contexts * length, rng).view(num_contexts, length)
-
-    def doc_of(self, offset: int) -> int:
-        """Which document a stream offset falls in."""
-        return bisect.bisect_right(self.starts, offset) - 1
-
-
-def split_corpus(texts: Sequence[str], heldout_fraction: float, seed: int) -> tuple[list[str], list[str]]:
-    """(train, held-out) documents, a seeded random split."""
-    order = list(range(len(texts)))
-    random.Random(f"split:{seed}").shuffle(order)
-    n_held = round(len(texts) * heldout_fraction)
-    held = set(order[:n_held])
-    return [t for i, t in enumerate(texts) if i not in held], [t for i, t in enumerate(texts) if i in held]
 
 
 # ---- batches ---------------------------------------------------------------------------------------
