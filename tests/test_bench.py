@@ -13,6 +13,7 @@ import torch
 from typer.testing import CliRunner
 
 from memllm.bench import inference as bench
+from memllm.bench.machine import ModelShape, decode_bytes, forward_flops, measure
 from memllm.bench.timing import interleaved_medians, median
 from memllm.cli import app
 
@@ -34,9 +35,14 @@ def test_run_bench_returns_every_number():
         assert isinstance(result[key], float) and result[key] > 0, key
     assert result["config"]["hidden_size"] == 64 and result["config"]["memory_tokens"] == 16
     assert result["threads"] == 1 and result["repeats"] == 1
-    assert result["authors_generate_32_s"] == bench.AUTHORS_REFERENCE_S["generate_32_s"]
+    for key in ("decode_bandwidth_fraction", "inject_gemm_fraction", "ttft_reused_flop_fraction"):
+        assert isinstance(result[key], float) and result[key] > 0, key
+    assert not any(key.startswith("authors") or key.endswith("_vs_authors") for key in result)
+    assert result["machine"]["gemm_gflop_s"] > 0 and result["machine"]["read_gb_s"] > 0
+    # a fraction is the bound over the measured time, both reported
+    assert result["inject_gemm_fraction"] == pytest.approx(result["inject_bound_s"] / result["inject_512_s"], rel=1e-2)
     assert result["torch"] == torch.__version__ and result["transformers"]
-    assert len(bench.table_rows(result)) == len(TIMINGS)
+    assert len(bench.table_rows(result)) == len(TIMINGS) + 1  # and the decode row
     json.dumps(result)
 
 
@@ -48,7 +54,8 @@ def test_the_command_prints_json_last_line():
     assert r.exit_code == 0, r.output
     lines = r.stdout.strip().splitlines()
     last = json.loads(lines[-1])
-    for key in ("ttft_speedup_reused_prefix", "generate_32_s", "inject_512_s", "config", "torch", "transformers"):
+    for key in ("ttft_speedup_reused_prefix", "generate_32_s", "inject_512_s", "config", "torch", "transformers",
+                "decode_bandwidth_fraction", "inject_gemm_fraction", "ttft_reused_flop_fraction"):
         assert key in last
     assert last["config"]["intermediate_size"] == 128 and last["repeats"] == 1
     assert any(line.startswith("| measurement") for line in lines[:-1])  # --markdown: the table as Markdown too
@@ -59,6 +66,32 @@ def test_inject_rss_line_measures_a_fresh_process_without_a_graph():
     r = bench.inject_rss(chars=3000, threads=1)
     assert r["inject_long_updates"] >= 1 and r["inject_long_pool_has_graph"] is False
     assert r["inject_long_peak_rss_mb"] > 0 and r["inject_long_rss_growth_mb"] >= 0
+
+
+def test_flops_and_bytes_count_the_models_own_weights():
+    """The analytic counts against a real transformers model: its decoder's matrices and LM head."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model("llama", vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
+                                  num_attention_heads=4, num_key_value_heads=2)
+    lm = AutoModelForCausalLM.from_config(config)
+    shape = ModelShape.of(config)
+    matrices = sum(m.weight.numel() for m in lm.model.layers.modules() if isinstance(m, torch.nn.Linear))
+    assert shape.layers * shape.layer_weights == matrices
+    # one token, nothing cached, no logits: 2 FLOPs per matrix entry, plus q.k and p.v over itself
+    assert forward_flops(shape, 1, 0) == 2 * matrices + 3 * 4 * 4 * 8
+    assert forward_flops(shape, 1, 0, logits=1) - forward_flops(shape, 1, 0) == 2 * 96 * 32
+    # a cached position adds its keys and values at every layer
+    everything = sum(p.numel() for p in lm.parameters()) * 4  # embedding counted as one row below
+    assert decode_bytes(shape, 0) == everything - (96 - 1) * 32 * 4
+    assert decode_bytes(shape, 10) - decode_bytes(shape, 0) == 3 * 2 * 2 * 8 * 10 * 4
+
+
+def test_machine_rates_are_measured_at_the_given_threads():
+    threads = torch.get_num_threads()
+    rates = measure(1, gemm_size=64, read_mib=4, repeats=1)
+    assert torch.get_num_threads() == threads  # restored
+    assert rates.threads == 1 and rates.gemm_flop_s > 0 and rates.read_bytes_s >= rates.gemv_bytes_s > 0
 
 
 def test_the_timer_interleaves_the_cases_and_skips_the_warm_up_round():

@@ -142,13 +142,54 @@ def test_prefilled_cache_continues_like_the_whole_sequence(lm) -> None:
     assert all(torch.equal(k, k0) and torch.equal(v, v0) for (k, v), (k0, v0) in zip(kv, before))
 
 
-def test_set_layer_kv_replaces_what_the_layer_reads(lm) -> None:
+@pytest.mark.parametrize("room", [3, 12])  # mistral: within its window of 8 / rolling past it
+def test_static_prefilled_cache_generates_like_the_whole_sequence(lm, room: int) -> None:
+    """A preallocated cache holding a prefix (copied into its first P positions for every row) reads
+    and generates like [prefix ; text], under `generate`, and the given tensors are not written into."""
+    P, T = 5, 3
+    prefix, text = ids(1, P, 12), ids(2, T, 13)
+    kv = prefix_kv(lm, prefix)
+    before = [(k.clone(), v.clone()) for k, v in kv]
+    cache = hf_compat.static_prefilled_cache(lm.config, kv, batch=2, max_len=P + T + room)
+    assert int(cache.get_seq_length()) == P
+    for l, (k, v) in enumerate(kv):
+        keys, values = hf_compat.layer_kv(cache, l)
+        assert keys.shape[:3] == (2, k.shape[1], P) and torch.equal(keys, k.expand(2, -1, -1, -1))
+        assert torch.equal(values, v.expand(2, -1, -1, -1))
+    with torch.no_grad():
+        got = lm.generate(input_ids=text, attention_mask=torch.ones(2, P + T, dtype=torch.long), max_new_tokens=room,
+                          do_sample=False, pad_token_id=0, output_logits=True, return_dict_in_generate=True,
+                          **{hf_compat.CACHE_ARG: cache})
+        want = lm.generate(input_ids=torch.cat([prefix.expand(2, -1), text], dim=1), max_new_tokens=room,
+                           do_sample=False, pad_token_id=0, output_logits=True, return_dict_in_generate=True)
+    assert torch.equal(got.sequences[:, T:], want.sequences[:, P + T:])
+    torch.testing.assert_close(torch.stack(got.logits), torch.stack(want.logits), rtol=0, atol=1e-5)
+    assert all(torch.equal(k, k0) and torch.equal(v, v0) for (k, v), (k0, v0) in zip(kv, before))
+
+
+def test_static_prefilled_cache_refuses_a_prefix_it_cannot_hold(lm) -> None:
+    kv = prefix_kv(lm, ids(1, 9, 14))
+    with pytest.raises(ValueError, match="does not fit"):
+        hf_compat.static_prefilled_cache(lm.config, kv, batch=1, max_len=9)
+
+
+@pytest.mark.parametrize("static", [False, True])
+def test_set_layer_kv_replaces_what_the_layer_reads(lm, static: bool) -> None:
     P, T = 6, 4
     a, b, text = ids(1, P, 7), ids(1, P, 8), ids(1, T, 9)
-    cache = hf_compat.prefilled_cache(lm.config, prefix_kv(lm, a), batch=1)
+    if static:  # written in place: the buffers keep their address
+        cache = hf_compat.static_prefilled_cache(lm.config, prefix_kv(lm, a), batch=1, max_len=P + T)
+    else:
+        cache = hf_compat.prefilled_cache(lm.config, prefix_kv(lm, a), batch=1)
     for l, (k, v) in enumerate(prefix_kv(lm, b)):
+        address = hf_compat.layer_kv(cache, l)[0].data_ptr()
         hf_compat.set_layer_kv(cache, l, k, v)
-        assert hf_compat.layer_kv(cache, l)[0] is k and hf_compat.layer_kv(cache, l)[1] is v
+        keys, values = hf_compat.layer_kv(cache, l)
+        assert torch.equal(keys, k) and torch.equal(values, v)
+        assert (keys.data_ptr() == address) if static else (keys is k and values is v)
+        if static:
+            with pytest.raises(ValueError, match="positions given"):
+                hf_compat.set_layer_kv(cache, l, k[:, :, 1:], v[:, :, 1:])
     got = run(lm, text, attention_mask=torch.ones(1, P + T, dtype=torch.long),
               position_ids=torch.arange(P, P + T).unsqueeze(0), **{hf_compat.CACHE_ARG: cache}).logits
     torch.testing.assert_close(got, run(lm, torch.cat([b, text], dim=1)).logits[:, P:], rtol=0, atol=1e-5)

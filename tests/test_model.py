@@ -82,6 +82,34 @@ def test_reused_prefix_equals_recomputed(model) -> None:
     assert torch.equal(after, recomputed)
 
 
+def test_prefix_cache_is_bounded_by_bytes_least_recently_used_out(model) -> None:
+    memories = [model.new_memory() for _ in range(5)]
+    for i, m in enumerate(memories):
+        model.inject(m, list(range(100 + i, 130 + i)))
+    ids = _ids([5, 6, 7, 8])
+    with torch.no_grad():
+        model.clear_prefix_cache()
+        model(ids, memories[0])
+        one = model.prefix_cache_info()["bytes"]
+        assert one > 0
+        old = model.prefix_cache_bytes
+        try:
+            model.prefix_cache_bytes = 3 * one  # room for three prefixes
+            for m in memories[:4]:
+                model(ids, m)
+            assert model.prefix_cache_info() == {"entries": 3, "bytes": 3 * one}
+            model(ids, memories[1])  # used again: now the most recent, so 2 goes out next
+            model(ids, memories[4])
+            held = {id(e.pool) for e in model._prefix_cache.values()}
+            assert held == {id(memories[i].pool) for i in (1, 3, 4)}
+            model.prefix_cache_bytes = 1  # below one prefix: the newest is still kept
+            model(ids, memories[0])
+            assert model.prefix_cache_info() == {"entries": 1, "bytes": one}
+        finally:
+            model.prefix_cache_bytes = old
+            model.clear_prefix_cache()
+
+
 def test_injection_is_differentiable_into_the_prediction(model) -> None:
     """Training backpropagates from a prediction through the memory it reads into the injection."""
     memory = model.new_memory()

@@ -37,13 +37,23 @@ def generate(
     Returns what `generate` returns: sequences [B, T + new] (prompt included), or a
     GenerateOutput when `return_dict_in_generate=True`.
     """
+    new_tokens = generate_kwargs.get("max_new_tokens")
     with torch.no_grad(), model.adapter("decoder"):
-        inputs = model.prepare(memory, input_ids, attention_mask)  # checks the ids and the prompt's length
-        model.check_room(memory, input_ids.shape[-1], generate_kwargs.get("max_new_tokens"))
+        # checks the ids and the prompt's length; a preallocated cache when the answer's length is known
+        inputs = model.prepare(memory, input_ids, attention_mask, new_tokens)
+        model.check_room(memory, input_ids.shape[-1], new_tokens)
         inputs.pop("position_ids")  # generate derives the same ones from the [prefix ; prompt] mask
-        generate_kwargs.setdefault("pad_token_id", _pad_id(model))
+        _generate_defaults(model, generate_kwargs)
         with model.reading(memory, inputs):
             return model.lm.generate(**inputs, **generate_kwargs)
+
+
+def _generate_defaults(model: "MemoryModel", generate_kwargs: dict) -> None:
+    """The pad token, and no automatic torch.compile: transformers compiles the forward on GPUs
+    whenever the cache is a static one, which memllm's hooks (M+ retrieval) have not been checked
+    under; `disable_compile=False` asks for it."""
+    generate_kwargs.setdefault("pad_token_id", _pad_id(model))
+    generate_kwargs.setdefault("disable_compile", True)
 
 
 def _pad_id(model: "MemoryModel") -> int | None:
@@ -157,13 +167,14 @@ def ask_many(
     model.check_room(memories[0], enc["input_ids"].shape[1], max_new_tokens, "question")
     model.check_token_ids(enc["input_ids"])
     generate_kwargs.setdefault("do_sample", False)
-    generate_kwargs.setdefault("pad_token_id", _pad_id(model))
+    _generate_defaults(model, generate_kwargs)
     with torch.no_grad(), model.adapter("decoder"):
         prefixes = {key: model.memory_prefix(memory) for key, memory in distinct.items()}
         P = next(iter(prefixes.values()))[1]
         kv = [(torch.cat([prefixes[id(m)][0][l][0] for m in memories]),  # [B, kv_heads, P, head_dim]
                torch.cat([prefixes[id(m)][0][l][1] for m in memories])) for l in range(model.num_layers)]
-        inputs = model._read_inputs(enc["input_ids"], enc["attention_mask"], kv, P, mask_retrieved=False)
+        inputs = model._read_inputs(enc["input_ids"], enc["attention_mask"], kv, P, mask_retrieved=False,
+                                    new_tokens=max_new_tokens)
         inputs.pop("position_ids")  # generate derives the same ones from the [prefix ; prompt] mask
         out = model.lm.generate(**inputs, max_new_tokens=max_new_tokens, **generate_kwargs)
     with model.using_tokenizer() as tok:

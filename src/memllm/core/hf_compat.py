@@ -14,7 +14,8 @@ Llama layout: `model.layers[l]` with `input_layernorm`, `self_attn.{q,k,v,o}_pro
 `rotate_half`:
 
 - `llama` (and the authors' `memoryllm` / `mplus` config names, which are Llama underneath);
-- `mistral` (its cache layers are sliding-window ones; `prefilled_cache` accounts for that);
+- `mistral` (its cache layers are sliding-window ones; `prefilled_cache` and `static_prefilled_cache`
+  account for that);
 - `qwen2` (biased q/k/v projections; same layout).
 
 The LoRA target names (`memllm.core.config.LoraSettings.target_modules`: q_proj, k_proj, v_proj,
@@ -22,14 +23,16 @@ gate_proj, up_proj, down_proj) are these models' module names too; tests/test_hf
 
 transformers versions: as pinned in pyproject.toml (`transformers>=5.20,<6`): the `cache` keyword
 (formerly `past_key_values`, an alias until 5.40), `DynamicCache(config=...)` with per-layer
-`DynamicLayer`s, and decoder layers that return a tensor all date from the 5.x line.
+`DynamicLayer`s, `StaticCache(config=..., max_cache_len=...)` with per-layer `StaticLayer`s, and
+decoder layers that return a tensor all date from the 5.x line.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
-from transformers import DynamicCache, PretrainedConfig, PreTrainedModel
+from transformers import Cache, DynamicCache, PretrainedConfig, PreTrainedModel, StaticCache
+from transformers.cache_utils import StaticLayer
 from transformers.models.llama.modeling_llama import rotate_half
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
@@ -97,7 +100,8 @@ def project_kv(layer: nn.Module, normed: torch.Tensor) -> tuple[torch.Tensor, to
 
 def prefilled_cache(config: PretrainedConfig, kv: list[tuple[torch.Tensor, torch.Tensor]], batch: int) -> DynamicCache:
     """A transformers cache holding a prefix's (k, v) [1 or batch, kv_heads, P, head_dim] per layer,
-    broadcast to `batch` rows without a copy.
+    broadcast to `batch` rows without a copy: for one forward (training, injection), where the
+    prefix is read once and the cache may carry gradients back to it.
 
     Relies on `DynamicCache(config=...)` making one layer per decoder layer, on `DynamicLayer`
     keeping its state in `.keys` / `.values` after `lazy_initialization`, and on its `update`
@@ -113,16 +117,61 @@ def prefilled_cache(config: PretrainedConfig, kv: list[tuple[torch.Tensor, torch
     return cache
 
 
-def layer_kv(cache: DynamicCache, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The keys and values [B, kv_heads, S, head_dim] a cache holds for one layer (`cache.layers[l]`)."""
+def static_prefilled_cache(config: PretrainedConfig, kv: list[tuple[torch.Tensor, torch.Tensor]], batch: int,
+                           max_len: int) -> StaticCache:
+    """A preallocated cache with room for `max_len` positions, holding a prefix's (k, v)
+    [1 or batch, kv_heads, P, head_dim] per layer in its first P, for generation (no gradients).
+
+    Why: a `DynamicCache` concatenates every new token onto the whole ~N-row memory prefix, copying
+    it at every step of every layer (most of decoding time); a static one writes one row in place.
+    Relies on `StaticCache(config=..., max_cache_len=...)` making one `StaticLayer` per decoder layer
+    (`StaticSlidingWindowLayer` for mistral's sliding-window layers), whose `lazy_initialization`
+    allocates `.keys` / `.values` [batch, kv_heads, max_cache_len, head_dim] and whose `update`
+    writes at the tensor `cumulative_length` (and, sliding, the int `cumulative_length_int`). The
+    prefix must be shorter than a sliding window (as for `prefilled_cache`)."""
+    cache = StaticCache(config=config, max_cache_len=max_len)
+    for layer, (k, v) in zip(cache.layers, kv):
+        P = k.shape[-2]
+        if P >= layer.max_cache_len:
+            raise ValueError(f"a prefix of {P} positions does not fit a cache layer of {layer.max_cache_len}")
+        layer.lazy_initialization(k.expand(batch, -1, -1, -1), v.expand(batch, -1, -1, -1))
+        layer.keys[:, :, :P].copy_(k)  # broadcast over the batch
+        layer.values[:, :, :P].copy_(v)
+        layer.cumulative_length.fill_(P)
+        if hasattr(layer, "cumulative_length_int"):
+            layer.cumulative_length_int = P
+    return cache
+
+
+def layer_kv(cache: Cache, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The keys and values [B, kv_heads, S, head_dim] a cache holds for one layer (`cache.layers[l]`):
+    `.keys` / `.values`, or a static layer's filled first S positions, S its `get_seq_length` (views
+    into its buffers)."""
     layer = cache.layers[layer_idx]
+    if isinstance(layer, StaticLayer):
+        S = _static_length(layer)
+        return layer.keys[:, :, :S], layer.values[:, :, :S]
     return layer.keys, layer.values
 
 
-def set_layer_kv(cache: DynamicCache, layer_idx: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+def _static_length(layer: StaticLayer) -> int:
+    """A static layer's filled positions: `get_seq_length` (a tensor, or an int when sliding), at most
+    its buffer's."""
+    return min(int(layer.get_seq_length()), layer.max_cache_len)
+
+
+def set_layer_kv(cache: Cache, layer_idx: int, keys: torch.Tensor, values: torch.Tensor) -> None:
     """Replace one layer's cached keys and values (same length: M+ writes retrieved rows over the
-    placeholders of a prefilled cache before the layer reads it); `.keys` / `.values` as above."""
+    placeholders of a prefilled cache before the layer reads it); `.keys` / `.values` as above,
+    written in place in a static layer (its buffers keep their address)."""
     layer = cache.layers[layer_idx]
+    if isinstance(layer, StaticLayer):
+        S = keys.shape[-2]
+        if S != _static_length(layer):
+            raise ValueError(f"{S} positions given for a static cache layer holding {_static_length(layer)}")
+        layer.keys[:, :, :S].copy_(keys)
+        layer.values[:, :, :S].copy_(values)
+        return
     layer.keys, layer.values = keys, values
 
 

@@ -10,8 +10,9 @@ The base model is transformers' own implementation (any Llama-family checkpoint)
 
 Memory enters layer l as a key/value prefix (SPEC §2): the prefix rows go through that layer's
 input_layernorm, k_proj and v_proj and are rotated at positions 0..P-1; text tokens follow at P, P+1...
-For a memory that does not change, that prefix is a ready key/value cache: `memory_cache` computes it
-once per memory state and every question reuses it.
+For a memory that does not change, that prefix is a ready key/value cache: `memory_prefix` computes it
+once per memory state and every question reuses it (recently used prefixes are kept up to
+`prefix_cache_bytes`).
 
 One model may serve many threads. Per-call work inside transformers' forward (injection, M+ retrieval)
 is a plan the calling thread installs (`layer_hooks`), run by hooks registered once on every layer;
@@ -29,6 +30,7 @@ import threading
 import warnings
 from collections import OrderedDict
 from contextlib import contextmanager
+from dataclasses import dataclass
 from contextvars import ContextVar
 from typing import Callable, Iterator
 
@@ -155,6 +157,19 @@ class Projector(nn.Sequential):
         )
 
 
+PREFIX_CACHE_BYTES = 1 << 30  # default budget of ready memory prefixes: a few for a 7B model's 7,681-row memory
+
+
+@dataclass
+class _Prefix:
+    """A memory state's ready key/value prefix: per layer (k, v) [1, kv_heads, P, head_dim]."""
+
+    pool: torch.Tensor  # the pool it was made from (the cache key holds only its id)
+    kv: list[tuple[torch.Tensor, torch.Tensor]]
+    length: int  # P
+    nbytes: int
+
+
 class MemoryModel(nn.Module):
     """Base LM + memory parameters. Memories are separate `Memory` objects passed to every call."""
 
@@ -190,10 +205,13 @@ class MemoryModel(nn.Module):
                 layer._memllm_plans = True
         self._init_sharing()
         self.retrieval_mode = "exact"  # M+: "exact" (the published dense scan) or "index" (faiss)
+        # bytes of memory prefixes kept ready (least recently used out first; the newest is always kept)
+        self.prefix_cache_bytes = PREFIX_CACHE_BYTES
 
     def _init_sharing(self) -> None:
         """What threads sharing the model synchronise on (made again for a copy, see __setstate__)."""
-        self._prefix_cache: OrderedDict[tuple, tuple[torch.Tensor, ...]] = OrderedDict()
+        self._prefix_cache: OrderedDict[tuple, _Prefix] = OrderedDict()
+        self._prefix_bytes = 0  # held by the entries of _prefix_cache
         self._prefix_lock = threading.Lock()
         self._tokenizer_lock = threading.Lock()
         active = getattr(self, "_active_adapter", ENCODER_ADAPTER)
@@ -202,7 +220,7 @@ class MemoryModel(nn.Module):
     def __getstate__(self) -> dict:
         """Copies (deepcopy, pickle) leave out the locks and the prefix cache."""
         state = dict(super().__getstate__())
-        for name in ("_prefix_cache", "_prefix_lock", "_tokenizer_lock", "_adapters"):
+        for name in ("_prefix_cache", "_prefix_bytes", "_prefix_lock", "_tokenizer_lock", "_adapters"):
             state.pop(name, None)
         return state
 
@@ -379,16 +397,19 @@ class MemoryModel(nn.Module):
         if cacheable:
             with self._prefix_lock:
                 entry = self._prefix_cache.get(key)
-                if entry is not None and entry[0] is memory.pool:
+                if entry is not None and entry.pool is memory.pool:
                     self._prefix_cache.move_to_end(key)
-                    return entry[1], entry[2]
+                    return entry.kv, entry.length
         kv = self.pool_prefix(memory.pool.unsqueeze(0))
         P = 1 + R + memory.pool.shape[1]
         if cacheable:
+            entry = _Prefix(memory.pool, kv, P, sum(t.numel() * t.element_size() for pair in kv for t in pair))
             with self._prefix_lock:
-                self._prefix_cache[key] = (memory.pool, kv, P)
-                while len(self._prefix_cache) > 4:
-                    self._prefix_cache.popitem(last=False)
+                replaced = self._prefix_cache.pop(key, None)
+                self._prefix_bytes += entry.nbytes - (replaced.nbytes if replaced else 0)
+                self._prefix_cache[key] = entry
+                while len(self._prefix_cache) > 1 and self._prefix_bytes > self.prefix_cache_bytes:
+                    self._prefix_bytes -= self._prefix_cache.popitem(last=False)[1].nbytes
         return kv, P
 
     def prefix_length(self, memory: Memory) -> int:
@@ -442,19 +463,28 @@ class MemoryModel(nn.Module):
         return DECODER_ADAPTER if role == "decoder" and self.config.add_decoder_lora else ENCODER_ADAPTER
 
     def clear_prefix_cache(self) -> None:
-        self._prefix_cache.clear()
+        with self._prefix_lock:
+            self._prefix_cache.clear()
+            self._prefix_bytes = 0
+
+    def prefix_cache_info(self) -> dict[str, int]:
+        """Memory prefixes held ready, and their bytes (bounded by `prefix_cache_bytes`)."""
+        with self._prefix_lock:
+            return {"entries": len(self._prefix_cache), "bytes": self._prefix_bytes}
 
     # ---- reading from memory -------------------------------------------------------------------
 
     def prepare(
-        self, memory: Memory, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+        self, memory: Memory, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+        new_tokens: int | None = None,
     ) -> dict:
         """Model inputs for a prompt read against a memory: the prefix cache, the mask over
         [prefix ; prompt] and position ids that start every row's first real token at P.
 
         Padding (left or right) is handled: padded positions are masked, real tokens keep the
         positions they would have unpadded. Refuses ids that are not token ids and prompts longer
-        than the model's positions leave after the prefix.
+        than the model's positions leave after the prefix. `new_tokens`: generation will add that
+        many tokens, so the cache is a preallocated one with room for them (no gradients).
         """
         self.check_memory(memory)
         self.check_token_ids(input_ids)
@@ -463,10 +493,14 @@ class MemoryModel(nn.Module):
         self.check_room(memory, input_ids.shape[1])
         kv, P = self.memory_prefix(memory)
         mask_retrieved = self.config.kind == "mplus" and ltm_is_empty(memory)  # nothing to retrieve yet
-        return self._read_inputs(input_ids, attention_mask, kv, P, mask_retrieved)
+        return self._read_inputs(input_ids, attention_mask, kv, P, mask_retrieved, new_tokens)
 
     def _read_inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
-                     kv: list[tuple[torch.Tensor, torch.Tensor]], P: int, mask_retrieved: bool) -> dict:
+                     kv: list[tuple[torch.Tensor, torch.Tensor]], P: int, mask_retrieved: bool,
+                     new_tokens: int | None = None) -> dict:
+        """The inputs `prepare` describes, from a computed prefix kv (P positions). A static cache
+        (room for P + T + new_tokens) when decoding steps follow, without gradients: it saves each
+        step's copy of the whole cache; a single forward (new_tokens <= 1) reads a dynamic one."""
         B, T = input_ids.shape
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
@@ -475,7 +509,10 @@ class MemoryModel(nn.Module):
         if P == 0:
             inputs["attention_mask"] = attention_mask
             return inputs
-        inputs[hf_compat.CACHE_ARG] = hf_compat.prefilled_cache(self.lm.config, kv, B)
+        if new_tokens is not None and new_tokens > 1 and not torch.is_grad_enabled():
+            inputs[hf_compat.CACHE_ARG] = hf_compat.static_prefilled_cache(self.lm.config, kv, B, P + T + new_tokens)
+        else:
+            inputs[hf_compat.CACHE_ARG] = hf_compat.prefilled_cache(self.lm.config, kv, B)
         prefix_mask = attention_mask.new_ones(B, P)
         if mask_retrieved:
             prefix_mask[:, 1 : 1 + self.config.num_retrieved] = 0
