@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from memllm.core.ltm import LongTermMemory, LTMConfig, LTMLayer
-from memllm.core.memory import Memory, MemoryFileError, MemoryLockedError, lock
+from memllm.core.memory import FORMAT_VERSION, Memory, MemoryFileError, MemoryLockedError, lock
 
 SHARD_BYTES = 64 << 10  # small, so a memory of a few hundred KB is sharded
 SAVER_ROWS = 1500  # the concurrent saver's long-term memory: about 160 KB a layer
@@ -404,7 +404,7 @@ def test_version_1_files_still_load(tmp_path: Path) -> None:
     })
     assert same(Memory.load(tmp_path / "old.mem"), memory)
     memory.save(tmp_path / "old.mem")  # rewritten in the current format
-    assert read_header(tmp_path / "old.mem")["format_version"] == "2"
+    assert read_header(tmp_path / "old.mem")["format_version"] == str(FORMAT_VERSION)
     assert same(Memory.load(tmp_path / "old.mem"), memory)
 
 

@@ -56,8 +56,9 @@ def test_save_load_round_trip_gives_identical_logits_in_a_new_process(model, tmp
     ids = [[5, 17, 99, 3, 42]]
     with torch.no_grad():
         expected = model(torch.tensor(ids), memory).logits
-    script = (
+    script = (  # same thread count: a float sum split over other threads may differ in its last bit
         "import sys, torch, memllm\n"
+        f"torch.set_num_threads({torch.get_num_threads()})\n"
         f"m = memllm.load({str(model_dir)!r})\n"
         f"mem = m.load_memory({str(path)!r})\n"
         f"torch.save(m(torch.tensor({ids}), mem).logits.detach(), {str(tmp_path / 'out.pt')!r})\n"

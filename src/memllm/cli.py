@@ -1,5 +1,5 @@
-"""`memllm` on the command line: inject, ask, chat, memory {new,info,fork}, init, demo, train, recipe tiny,
-eval {retention,integrity}, bench [ltm, serve, train-step], serve [keys {create,list,revoke}].
+"""`memllm` on the command line: inject, ask, chat, memory {new,info,fork,forget}, init, demo, train, recipe tiny,
+eval {retention,integrity,forgetting}, bench [ltm, serve, train-step], serve [keys {create,list,revoke}].
 
 A model is a checkpoint directory or hub id (`--model`); a memory is a file (`--memory`). Commands
 that change a memory hold its lock from load to save and write it back atomically, so concurrent
@@ -63,7 +63,7 @@ def _defer(parent: typer.Typer, name: str, summary: str, build: Callable[[], typ
 
 app = typer.Typer(help="Self-updatable language models: write text into a model's memory, ask about it later.",
                   no_args_is_help=True, pretty_exceptions_enable=False, cls=_DeferredGroup)
-memory_app = typer.Typer(help="Create, inspect and fork memories.", no_args_is_help=True)
+memory_app = typer.Typer(help="Create, inspect, fork memories and forget updates.", no_args_is_help=True)
 app.add_typer(memory_app, name="memory")
 recipe_app = typer.Typer(help="Recipes that produce the models memllm ships.", no_args_is_help=True,
                          cls=_DeferredGroup)
@@ -293,17 +293,35 @@ def ask(
     dtype: Optional[str] = DtypeOpt,
     device: Optional[str] = DeviceOpt,
     convert_memory: bool = ConvertOpt,
+    explain: bool = typer.Option(False, "--explain", help="also show which updates the answer attended to"),
 ) -> None:
-    """Answer a question from a memory (streamed)."""
+    """Answer a question from a memory (streamed; with --explain, whole, then its sources)."""
     _check_memory_path(memory, must_exist=True)
     _check_max_new_tokens(max_new_tokens)
     m = _load_model(model, dtype, device)
     mem = _load_memory(m, memory, create=False, convert=convert_memory)
     kwargs = {"do_sample": True, "temperature": temperature} if sample else {}
     try:
-        _write_stream(m.stream(mem, question, max_new_tokens=max_new_tokens, chat=chat, **kwargs))
+        if explain:
+            _write_explained(m, mem, question, max_new_tokens, chat, kwargs)
+        else:
+            _write_stream(m.stream(mem, question, max_new_tokens=max_new_tokens, chat=chat, **kwargs))
     except ValueError as e:
         _fail(str(e))
+
+
+def _write_explained(model, memory, question: str, max_new_tokens: int, chat: Optional[bool], kwargs: dict) -> None:
+    """The answer on stdout, then the updates whose memory rows its tokens attended to most."""
+    from memllm.core.attribution import explain
+
+    result = explain(model, memory, question, max_new_tokens=max_new_tokens, chat=chat, **kwargs)
+    sys.stdout.write(result.answer + "\n")
+    table = Table("source update", "share of attention to memory",
+                  title=f"{result.memory_mass:.1%} of the answer's attention went to memory rows "
+                        f"({result.retrieved_share:.1%} of that to retrieved long-term rows)", title_justify="left")
+    for update, share in result.top(5):
+        table.add_row("initial memory (0)" if update == 0 else str(update), f"{share:.3f}")
+    out.print(table)
 
 
 @app.command()
@@ -403,13 +421,50 @@ def memory_info(path: Path = typer.Argument(..., help="memory file")) -> None:
     from memllm import Memory, MemoryFileError
 
     try:
-        info = Memory.load(path).info()
+        memory = Memory.load(path)
     except MemoryFileError as e:
         _fail(str(e))
     table = Table(show_header=False)
-    for k, v in info.items():
+    for k, v in memory.info().items():
         table.add_row(k, escape(str(v)))
     out.print(table)
+    table = Table("update", "short-term rows", "long-term rows", "share still in short-term", "in long-term",
+                  "forgotten", title="rows per update that wrote them (0: the initial memory, -1: unknown)",
+                  title_justify="left")
+
+    def share(x: Optional[float]) -> str:
+        return "" if x is None else f"{x:.1%}"
+
+    for row in memory.provenance():
+        table.add_row(str(row["update"]), str(row["stm_rows"]), str(row["ltm_rows"]), share(row["stm_share"]),
+                      share(row["ltm_share"]), "yes" if row["forgotten"] else "")
+    out.print(table)
+
+
+@memory_app.command("forget")
+def memory_forget(
+    path: Path = typer.Argument(..., help="memory file"),
+    update: list[int] = typer.Option(..., "--update", "-u", help="update id to forget (repeat for several)"),
+    model: str = ModelOpt,
+) -> None:
+    """Remove the rows that updates wrote, from short-term and long-term memory (freed short-term slots
+    take the model's initial pool rows; see docs/memory.md), and mark the updates forgotten."""
+    from memllm.core.memory import Memory, MemoryFileError, MemoryMismatchError, UnknownUpdateError
+
+    _check_memory_path(path, must_exist=True)
+    m = _load_model(model, None, None)
+    with _locked(path):
+        try:
+            mem = Memory.load(path, device=m.device)  # in the dtype it is held in: forgetting converts nothing
+            if mem.fingerprint != m.fingerprint:
+                raise MemoryMismatchError(f"memory {path} was written by another model (fingerprint "
+                                          f"{mem.fingerprint}, the model's is {m.fingerprint})")
+            removed = mem.forget(update, m.initial_pool)
+        except (MemoryFileError, UnknownUpdateError, MemoryMismatchError) as e:
+            _fail(str(e))
+        _save(mem, path)
+    console.print(f"forgot update(s) {', '.join(map(str, sorted(set(update))))}: {removed['stm_rows']} short-term "
+                  f"and {removed['ltm_rows']} long-term rows removed -> {escape(str(path))}", highlight=False)
 
 
 @memory_app.command("fork")
@@ -571,7 +626,7 @@ def _ints(text: str) -> tuple[int, ...]:
 
 
 def _eval_app() -> typer.Typer:
-    """`memllm eval retention|integrity`, defaults from `memllm.eval.retention`."""
+    """`memllm eval retention|integrity|forgetting`, defaults from `memllm.eval.retention`."""
     from memllm.eval.retention import BEFORE, DEFAULT_COUNTS, ONE_THEN, PANELS, SHIPPED
 
     def csv(values: Sequence) -> str:
@@ -638,6 +693,29 @@ def _eval_app() -> typer.Typer:
         except (CheckpointError, OSError) as e:
             _fail(str(e))
         _echo_json({k: v for k, v in result.items() if k != "checkpoints"} | {"plot": plot or None})
+
+    @built.command("forgetting")
+    def forgetting(
+        checkpoints: list[str] = typer.Argument(list(SHIPPED), help="checkpoint dirs or shipped names"),
+        n_people: int = typer.Option(50, help="memories, one forgotten person each"),
+        seed: int = typer.Option(0, help="held-out people, text draws and memory drops"),
+        world_seed: int = typer.Option(0, help="the world the models were trained on, when recipe.json does not say"),
+        threads: int = typer.Option(2, help="torch threads"),
+    ) -> None:
+        """Forget one person's update (MemoryLLM: 4 people per memory; M+: 32, the person in long-term memory):
+        its accuracy vs the no-memory floor, the other three's kept, attribution top-1, int8/bfloat16 files;
+        95% intervals, JSON per model on the last line."""
+        from memllm.core.checkpoint import CheckpointError
+        from memllm.eval.forgetting import evaluate_forgetting
+
+        if n_people < 1:
+            _fail("--n-people must be at least 1", 2)
+        try:
+            result = evaluate_forgetting(checkpoints, n_people=n_people, seed=seed, world_seed=world_seed,
+                                         threads=threads)
+        except (CheckpointError, OSError) as e:
+            _fail(str(e))
+        _echo_json(result["summary"])
 
     return built
 
@@ -706,8 +784,8 @@ def _bench_app() -> typer.Typer:
 _defer(app, "train", "Train a memory model to use its memory (accelerate-native: `accelerate launch -m memllm "
        "train ...` for several processes); options: `memllm train --help`.", _train_app)
 _defer(app, "eval", "Evaluations: `retention` (people among k in one memory, text before, strangers, held-out "
-       "wordings, distractors after; 95% CIs) and `integrity` (many updates into one memory). Default: the "
-       "shipped tiny models.", _eval_app)
+       "wordings, distractors after; 95% CIs), `integrity` (many updates into one memory) and `forgetting` "
+       "(forgetting an update, attribution, compact files). Default: the shipped tiny models.", _eval_app)
 _defer(app, "bench", "Benchmarks: core speed (`memllm bench`), long-term memory retrieval (`memllm bench ltm`), "
        "a training step (`memllm bench train-step`).", _bench_app)
 _defer(recipe_app, "tiny", "Train the tiny MemoryLLM and M+ models that memllm ships, from scratch on CPU.",

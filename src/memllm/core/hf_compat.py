@@ -95,6 +95,18 @@ def project_kv(layer: nn.Module, normed: torch.Tensor) -> tuple[torch.Tensor, to
     return k, v
 
 
+def project_q(layer: nn.Module, normed: torch.Tensor) -> torch.Tensor:
+    """Queries, not rotated, [B, heads, S, head_dim], of normed rows [B, S, d] (`self_attn.q_proj`)."""
+    attn = attention(layer)
+    B, S, _ = normed.shape
+    return attn.q_proj(normed).view(B, S, -1, attn.head_dim).transpose(1, 2)
+
+
+def attention_scaling(layer: nn.Module) -> float:
+    """The factor of q . k in the layer's attention (1 / sqrt(head_dim) for the Llama family)."""
+    return attention(layer).scaling
+
+
 # ---- the key/value cache ----------------------------------------------------------------------------
 
 

@@ -172,7 +172,8 @@ def update(model: "MemoryModel", memory: Memory, delta: torch.Tensor, drop: Drop
     """Apply delta memory [L, k, d] to the memory: drop k old rows per layer, append the new ones.
 
     Returns the kept indices [L, N - k]. The pool tensor is replaced, never written into, so forks
-    of this memory are unaffected. An uninitialised pool is filled by repeating the delta.
+    of this memory are unaffected. An uninitialised pool is filled by repeating the delta. The new
+    rows are labelled with the update's id (`Memory.record_update`); provenance changes no numbers.
     """
     if delta.dim() != 3:
         raise ValueError(f"delta memory must be [layers, k, hidden], got {tuple(delta.shape)}")
@@ -183,7 +184,7 @@ def update(model: "MemoryModel", memory: Memory, delta: torch.Tensor, drop: Drop
         repeats = [delta] * (N // n) + ([delta[:, n - N % n:]] if N % n else [])
         memory.pool = torch.cat(repeats, dim=1)
         memory.initialized = True
-        memory.num_updates += 1
+        memory.record_update(None, L * N)
         return torch.empty(L, 0, dtype=torch.long, device=memory.pool.device)
     k = delta.shape[1]
     drop = drop or RandomDrop(per_layer=model.config.drop_memory_per_layer)
@@ -191,7 +192,7 @@ def update(model: "MemoryModel", memory: Memory, delta: torch.Tensor, drop: Drop
     if memory.ltm is not None:
         move_dropped_to_ltm(model, memory, memory.ltm, kept, k)
     memory.pool = ops.write_pool(memory.pool, delta, kept)
-    memory.num_updates += 1
+    memory.record_update(kept, L * k)
     return kept
 
 

@@ -6,6 +6,9 @@ bookkeeping (SPEC §4, golden README "M+"):
 * every layer ``l`` holds LTM rows ``vectors`` [M_l, d], retrieval ``keys`` [M_l, s], integer
   ``ages`` [M_l] and ``recall_frequencies`` [M_l]; plus a cache of rows dropped from the
   short-term memory that have not been merged yet (rows, keys, ages);
+* provenance (ours, not the paper's): every row and cached row carries ``sources``, the id of the
+  memory update that wrote it (0: the initial memory, -1: unknown), moved along with the row by
+  every merge and removed with it by :meth:`LongTermMemory.forget`;
 * one global ``update_step`` counter decides when caches are merged into the LTMs.
 
 Update protocol, once per injection (K = rows dropped per layer)::
@@ -37,6 +40,9 @@ RetrievalMode = Literal["exact", "index"]
 
 # Recall frequencies at or below this count as "reached 0" (official threshold).
 _RF_ALIVE_THRESHOLD = 0.01
+
+INITIAL_SOURCE = 0  # the source id of rows a memory started with (the checkpoint's initial memory)
+UNKNOWN_SOURCE = -1  # the source id of rows whose update was not recorded (files from before provenance)
 
 
 @dataclass(frozen=True)
@@ -98,6 +104,14 @@ class LTMLayer:
     cache_vector_chunks: list[Tensor] = field(default_factory=list)  # each [k_i, d]
     cache_key_chunks: list[Tensor] = field(default_factory=list)  # each [k_i, s]
     cache_age_chunks: list[Tensor] = field(default_factory=list)  # each [k_i] int64
+    sources: Tensor | None = None  # [M] int64, the update that wrote each row (None: INITIAL_SOURCE)
+    cache_source_chunks: list[Tensor] = field(default_factory=list)  # each [k_i] int64
+
+    def __post_init__(self) -> None:
+        if self.sources is None:
+            self.sources = torch.full((self.num_ltm,), INITIAL_SOURCE, dtype=torch.int64)
+        if len(self.cache_source_chunks) != len(self.cache_age_chunks):  # cache given without its sources
+            self.cache_source_chunks = [torch.full_like(a, UNKNOWN_SOURCE) for a in self.cache_age_chunks]
 
     @property
     def num_ltm(self) -> int:
@@ -127,6 +141,10 @@ class LTMLayer:
     def cache_ages(self) -> Tensor:  # [C] int64
         return self._cat(self.cache_age_chunks, self.ages)
 
+    @property
+    def cache_sources(self) -> Tensor:  # [C] int64
+        return self._cat(self.cache_source_chunks, self.sources)
+
     def rows(self, positions: Tensor) -> Tensor:
         """Rows of ``[LTM ; cache]`` at ``positions`` without concatenating the two. [n, d]"""
         return _gather_two(self.vectors, self.cache_vectors, positions)
@@ -134,6 +152,34 @@ class LTMLayer:
     def row_ages(self, positions: Tensor) -> Tensor:
         """Ages of ``[LTM ; cache]`` at ``positions``. [n] int64"""
         return _gather_two(self.ages, self.cache_ages, positions)
+
+    def row_sources(self, positions: Tensor) -> Tensor:
+        """Source update ids of ``[LTM ; cache]`` at ``positions`` (e.g. a retrieval's order). [n] int64"""
+        return _gather_two(self.sources, self.cache_sources, positions)
+
+    def forget(self, doomed: Tensor) -> Tensor | None:
+        """Remove the rows and cached rows whose source is in ``doomed`` [u]; returns the kept LTM
+        positions (ascending) when LTM rows went, None when only the cache changed or nothing did."""
+        gone = torch.isin(self.cache_sources, doomed)
+        if bool(gone.any()):
+            keep = ~gone
+            self.cache_vector_chunks[:] = [self.cache_vectors[keep]]
+            self.cache_key_chunks[:] = [self.cache_keys[keep]]
+            self.cache_age_chunks[:] = [self.cache_ages[keep]]
+            self.cache_source_chunks[:] = [self.cache_sources[keep]]
+        gone = torch.isin(self.sources, doomed)
+        if not bool(gone.any()):
+            return None
+        kept = torch.nonzero(~gone).squeeze(1)
+        self.vectors, self.keys = self.vectors[kept], self.keys[kept]
+        self.ages, self.recall_frequencies = self.ages[kept], self.recall_frequencies[kept]
+        self.sources = self.sources[kept]
+        return kept
+
+
+def _sources(stored: Tensor | None, rows: int, missing: int) -> Tensor:
+    """Stored source ids as int64 [rows], or ``missing`` for every row when the file has none."""
+    return stored.to(torch.int64) if stored is not None else torch.full((rows,), missing, dtype=torch.int64)
 
 
 def _gather_two(first: Tensor, second: Tensor, positions: Tensor) -> Tensor:
@@ -251,12 +297,15 @@ class LongTermMemory:
         return cls(config, layers)
 
     @classmethod
-    def from_tensors(cls, tensors: Mapping[str, Tensor], config: LTMConfig) -> LongTermMemory:
+    def from_tensors(cls, tensors: Mapping[str, Tensor], config: LTMConfig,
+                     missing_source: int = INITIAL_SOURCE) -> LongTermMemory:
         """Build from ``ltm.{l}``, ``ltm_keys.{l}``, ... tensors (checkpoint or :meth:`state_dict`).
 
         ``ltm.{l}`` and ``ltm_keys.{l}`` are used as given (no copy), so tensors memory-mapped
         from safetensors stay mapped; only the small per-row ages/frequencies are converted.
-        Cache tensors and ``ltm_update_step`` are optional (absent in published checkpoints).
+        Cache tensors and ``ltm_update_step`` are optional (absent in published checkpoints), and so
+        are the provenance tensors ``ltm_sources.{l}`` / ``ltm_cache_sources.{l}``: rows without
+        them get ``missing_source`` (a checkpoint's rows are its initial memory's).
         """
         num_layers = 0
         while f"ltm.{num_layers}" in tensors:
@@ -269,11 +318,15 @@ class LongTermMemory:
                 keys,
                 tensors[f"ltm_ages.{l}"].round().to(torch.int64),
                 tensors[f"ltm_recall_frequencies.{l}"].to(torch.float32),
+                sources=_sources(tensors.get(f"ltm_sources.{l}"), vectors.shape[0], missing_source),
             )
             if f"ltm_cache.{l}" in tensors and tensors[f"ltm_cache.{l}"].shape[0] > 0:
-                layer.cache_vector_chunks.append(tensors[f"ltm_cache.{l}"])
+                cache = tensors[f"ltm_cache.{l}"]
+                layer.cache_vector_chunks.append(cache)
                 layer.cache_key_chunks.append(tensors[f"ltm_cache_keys.{l}"])
                 layer.cache_age_chunks.append(tensors[f"ltm_cache_ages.{l}"].round().to(torch.int64))
+                layer.cache_source_chunks.append(
+                    _sources(tensors.get(f"ltm_cache_sources.{l}"), cache.shape[0], missing_source))
             layers.append(layer)
         step = tensors.get("ltm_update_step")
         return cls(config, layers, int(step.item()) if step is not None else 0)
@@ -289,6 +342,8 @@ class LongTermMemory:
             out[f"ltm_cache.{l}"] = layer.cache_vectors
             out[f"ltm_cache_keys.{l}"] = layer.cache_keys
             out[f"ltm_cache_ages.{l}"] = layer.cache_ages.to(torch.float32)
+            out[f"ltm_sources.{l}"] = layer.sources
+            out[f"ltm_cache_sources.{l}"] = layer.cache_sources
         out["ltm_update_step"] = torch.tensor(self.update_step, dtype=torch.int64)
         return out
 
@@ -301,10 +356,33 @@ class LongTermMemory:
                 cache_vector_chunks=list(st.cache_vector_chunks),
                 cache_key_chunks=list(st.cache_key_chunks),
                 cache_age_chunks=list(st.cache_age_chunks),
+                cache_source_chunks=list(st.cache_source_chunks),
             )
             for st in self.layers
         ]
         return LongTermMemory(self.config, layers, self.update_step)
+
+    def to(self, dtype: torch.dtype) -> LongTermMemory:
+        """A copy holding its vectors (rows and cached rows) in ``dtype``; keys, ages and sources as they are."""
+        copy = self.fork()
+        for st in copy.layers:
+            st.vectors = st.vectors.to(dtype)
+            st.cache_vector_chunks[:] = [c.to(dtype) for c in st.cache_vector_chunks]
+        return copy
+
+    def forget(self, doomed: Tensor) -> None:
+        """Remove every row and cached row whose source update id is in ``doomed`` [u], at every
+        layer, keeping built indexes aligned with the rows that stay."""
+        for l, st in enumerate(self.layers):
+            kept = st.forget(doomed)
+            if kept is not None and self.indexes[l] is not None:
+                self.indexes[l].keep(kept)
+
+    def source_counts(self) -> dict[int, int]:
+        """Rows (LTM and cache, all layers) per source update id."""
+        ids = torch.cat([t for st in self.layers for t in (st.sources, st.cache_sources)])
+        values, counts = torch.unique(ids, return_counts=True)
+        return dict(zip(values.tolist(), counts.tolist()))
 
     def info(self) -> dict[str, object]:
         """Sizes, age range and host-memory footprint, for `memllm memory info`."""
@@ -323,10 +401,12 @@ class LongTermMemory:
         }
 
     # ------------------------------------------------------------------ update
-    def add_dropped(self, layer: int, vectors: Tensor, keys: Tensor, ages: Tensor) -> None:
+    def add_dropped(self, layer: int, vectors: Tensor, keys: Tensor, ages: Tensor,
+                    sources: Tensor | None = None) -> None:
         """Steps 3-4 for one layer: age LTM and cache by K = len(vectors), then cache the rows.
 
-        vectors [K, d], keys [K, s], ages [K] (their STM ages at drop time).
+        vectors [K, d], keys [K, s], ages [K] (their STM ages at drop time), sources [K] (the
+        updates that wrote them; None: unknown).
         """
         k = int(vectors.shape[0])
         st = self.layers[layer]
@@ -335,6 +415,8 @@ class LongTermMemory:
         st.cache_vector_chunks.append(vectors.detach())
         st.cache_key_chunks.append(keys.detach())
         st.cache_age_chunks.append(ages.detach().to(torch.int64))
+        st.cache_source_chunks.append(
+            sources.to("cpu", torch.int64) if sources is not None else torch.full((k,), UNKNOWN_SOURCE))
 
     def finish_update(self, k: int) -> list[Tensor] | None:
         """Step 5, once per injection: advance the counter and merge if it is time.
@@ -361,13 +443,14 @@ class LongTermMemory:
         )
         rf -= cfg.decay_frequency
         alive = rf > _RF_ALIVE_THRESHOLD
-        cache_v, cache_k, cache_a = st.cache_vectors, st.cache_keys, st.cache_ages
+        cache_v, cache_k, cache_a, cache_s = st.cache_vectors, st.cache_keys, st.cache_ages, st.cache_sources
         index = self.indexes[l]
         if int(alive.sum()) > cfg.retrieval_size:
             keep = torch.nonzero(alive).squeeze(1)  # [n] ascending
             st.vectors = _gather_two(st.vectors, cache_v, keep)
             st.keys = _gather_two(st.keys, cache_k, keep)
             st.ages = _gather_two(st.ages, cache_a, keep)
+            st.sources = _gather_two(st.sources, cache_s, keep)
             st.recall_frequencies = rf[keep]
             if index is not None:
                 index.add(cache_k)
@@ -377,12 +460,14 @@ class LongTermMemory:
             st.vectors = torch.cat([st.vectors, cache_v.to(st.vectors.dtype)])
             st.keys = torch.cat([st.keys, cache_k.to(st.keys.dtype)])
             st.ages = torch.cat([st.ages, cache_a])
+            st.sources = torch.cat([st.sources, cache_s])
             st.recall_frequencies = rf + cfg.decay_frequency
             if index is not None:
                 index.add(cache_k)
         st.cache_vector_chunks.clear()
         st.cache_key_chunks.clear()
         st.cache_age_chunks.clear()
+        st.cache_source_chunks.clear()
         return keep
 
     # ------------------------------------------------------------------ retrieval

@@ -8,6 +8,13 @@ On disk a memory is one safetensors file (plus long-term memory shards when larg
 (temporary file, fsync, rename) under a cross-process lock, with a SHA-256 checksum of every tensor and
 metadata field, so that a crash mid-write leaves the previous version intact, concurrent writers do not
 lose each other's updates, and a damaged or edited file is refused instead of silently loaded.
+
+Provenance: every short-term row (`sources` [L, N]) and every long-term row carries the id of the update
+that wrote it: 0 for the memory a model starts from, u = 1, 2, ... for the u-th update (`num_updates`
+counts them; ids are never reused). `forget` removes an update's rows; `diff` compares two memories (forks
+share the tags of the updates they had in common). Files may store the pool and the long-term memory in
+bfloat16 or int8 with a scale per row (`save(..., dtype=)`); they load back in the dtype they were held
+in. See docs/memory.md.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ import secrets
 import shutil
 import stat
 import time
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -32,10 +40,18 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from memllm.core.ltm import LongTermMemory, LTMConfig
+from memllm.core import ops
+from memllm.core.ltm import INITIAL_SOURCE, UNKNOWN_SOURCE, LongTermMemory, LTMConfig
 
 FORMAT = "memllm-memory"
-FORMAT_VERSION = 2  # 2: the checksum covers the metadata too; version-1 files (tensors only) still load
+# 2: the checksum covers the metadata too; 3: provenance (sources, update_log, forgotten) and compact
+# storage. Older files still load (their rows' sources: see `Memory.load`).
+FORMAT_VERSION = 3
+
+# How a file may store its rows (`Memory.save(dtype=)`); the row tensors are the pool and the long-term
+# memory's vectors and keys (ages, frequencies and ids are always stored exactly).
+STORAGE_DTYPES = ("float32", "bfloat16", "float16", "int8")
+_ROW_TENSORS = ("pool", "ltm", "ltm_keys", "ltm_cache", "ltm_cache_keys")
 
 
 class MemoryFileError(ValueError):
@@ -82,6 +98,10 @@ class MemoryMismatchError(ValueError):
     """A memory that belongs to another model (fingerprint, shape or dtype differ)."""
 
 
+class UnknownUpdateError(ValueError):
+    """An update id a memory does not have (or whose rows it cannot find)."""
+
+
 @dataclass
 class Memory:
     """The state of one memory.
@@ -89,6 +109,13 @@ class Memory:
     pool: [L, N, d] short-term memory pool, one row per memory vector, oldest first.
     stm_ages: [L, N] int64, M+ only: age of each short-term vector.
     ltm: M+ long-term memory, or None.
+    sources: [L, N] int64, the update that wrote each short-term row (0: the initial pool, -1: unknown).
+        Left None it is filled: 0 for a memory that has seen no update, -1 (unknown) otherwise.
+    update_log: [U, 2] int64, row u-1 for update u: a random 63-bit tag (so two forks' updates that got
+        the same id are told apart) and the rows it wrote over all layers; 0 where not recorded.
+    forgotten: the update ids removed with `forget`.
+    storage: how `save` stores the rows by default (one of STORAGE_DTYPES; None: as held); a memory
+        loaded from a compact file keeps its file's storage.
     """
 
     pool: torch.Tensor
@@ -97,6 +124,17 @@ class Memory:
     num_updates: int = 0
     stm_ages: torch.Tensor | None = None
     ltm: LongTermMemory | None = None
+    sources: torch.Tensor | None = None
+    update_log: torch.Tensor | None = None
+    forgotten: tuple[int, ...] = ()
+    storage: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.sources is None and self.pool.dim() == 3:
+            fill = INITIAL_SOURCE if self.num_updates == 0 else UNKNOWN_SOURCE
+            self.sources = torch.full(self.pool.shape[:2], fill, dtype=torch.long, device=self.pool.device)
+        if self.update_log is None:
+            self.update_log = torch.zeros(0, 2, dtype=torch.long)
 
     @property
     def num_layers(self) -> int:
@@ -113,9 +151,99 @@ class Memory:
         return dataclasses.replace(self, ltm=ltm)
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "Memory":
-        """A copy on another device / in another dtype (the LTM stays in host memory)."""
+        """A copy on another device / in another dtype (the LTM stays in host memory; its vectors
+        take the dtype too, e.g. bfloat16 to hold a long-term memory in half the RAM)."""
         ages = self.stm_ages.to(device) if self.stm_ages is not None and device is not None else self.stm_ages
-        return dataclasses.replace(self, pool=self.pool.to(device=device, dtype=dtype), stm_ages=ages)
+        sources = self.sources.to(device) if self.sources is not None and device is not None else self.sources
+        ltm = self.ltm.to(dtype) if self.ltm is not None and dtype is not None else self.ltm
+        return dataclasses.replace(self, pool=self.pool.to(device=device, dtype=dtype), stm_ages=ages,
+                                   sources=sources, ltm=ltm)
+
+    # ---- provenance --------------------------------------------------------------------------
+
+    def record_update(self, kept: torch.Tensor | None, rows: int) -> int:
+        """Label the rows an update just appended (after `ops.write_pool` with `kept` [L, N - k]; None:
+        the update filled the whole pool) and log it. Returns its id. Called by the update itself."""
+        update = self.num_updates + 1
+        if kept is None:
+            self.sources = torch.full_like(self.sources, update)
+        else:
+            self.sources = ops.write_ids(self.sources, torch.tensor(update), kept)
+        entry = torch.tensor([[secrets.randbits(63), rows]], dtype=torch.long)
+        self.update_log = torch.cat([self._log(), entry])
+        self.num_updates = update
+        return update
+
+    def _log(self) -> torch.Tensor:
+        """update_log with exactly num_updates rows: updates made without recording (pools changed by
+        hand, files from before provenance) get zeros, i.e. unknown."""
+        log = self.update_log[: self.num_updates]
+        missing = self.num_updates - log.shape[0]
+        return torch.cat([log, log.new_zeros(missing, 2)]) if missing else log
+
+    def source_counts(self) -> dict[int, tuple[int, int]]:
+        """Per source update id: (short-term rows, long-term rows incl. the cache), over all layers."""
+        values, counts = torch.unique(self.sources.cpu(), return_counts=True)
+        stm = dict(zip(values.tolist(), counts.tolist()))
+        ltm = self.ltm.source_counts() if self.ltm is not None else {}
+        return {u: (stm.get(u, 0), ltm.get(u, 0)) for u in sorted(stm.keys() | ltm.keys())}
+
+    def provenance(self) -> list[dict[str, Any]]:
+        """One entry per update that still has rows or was forgotten (and the initial memory, id 0):
+        rows in short-term and long-term memory, and their share of the rows the update wrote."""
+        counts = self.source_counts()
+        written = self._log()[:, 1].tolist()
+        out = []
+        for u in sorted(counts.keys() | set(self.forgotten)):
+            stm, ltm = counts.get(u, (0, 0))
+            wrote = written[u - 1] if 1 <= u <= len(written) and written[u - 1] > 0 else None
+            out.append({"update": u, "stm_rows": stm, "ltm_rows": ltm, "written": wrote,
+                        "stm_share": stm / wrote if wrote else None, "ltm_share": ltm / wrote if wrote else None,
+                        "forgotten": u in self.forgotten})
+        return out
+
+    def forget(self, update_ids: "int | list[int] | tuple[int, ...]", initial_pool: torch.Tensor) -> dict[str, int]:
+        """Remove the rows the given updates wrote, from short-term memory and from long-term memory
+        (rows, cache and index), and mark the updates forgotten.
+
+        Refill rule: a layer's f freed short-term slots move to its front (the oldest end) and take the
+        rows `initial_pool` [L, N, d] (the model's) has at positions 0..f-1, as a fresh memory holds them,
+        source 0, with the layer's largest short-term age (they count as its oldest rows); the survivors
+        follow in their order. Rows that later updates wrote while attending to the forgotten rows keep
+        what they took from them: forgetting is exact for the rows, not for their influence.
+        Refuses ids the memory never had (or whose rows it cannot tell apart) before changing anything.
+        Returns {"stm_rows": ..., "ltm_rows": ...} removed.
+        """
+        ids = sorted({update_ids} if isinstance(update_ids, int) else set(update_ids))
+        if not ids:
+            raise UnknownUpdateError("no update id to forget")
+        for u in ids:
+            if isinstance(u, bool) or not isinstance(u, int) or not 1 <= u <= self.num_updates:
+                have = f"updates 1..{self.num_updates}" if self.num_updates else "no updates"
+                raise UnknownUpdateError(f"unknown update {u!r}: this memory has {have}")
+        if tuple(initial_pool.shape) != tuple(self.pool.shape):
+            raise MemoryMismatchError(f"initial pool of shape {tuple(initial_pool.shape)} for a memory of shape "
+                                      f"{tuple(self.pool.shape)}: it belongs to another model")
+        counts = self.source_counts()
+        if UNKNOWN_SOURCE in counts:
+            lost = [u for u in ids if u not in counts and u not in self.forgotten]
+            if lost:
+                raise UnknownUpdateError(f"cannot forget update {lost[0]}: its rows, if any remain, are among "
+                                         f"rows written before memllm recorded provenance")
+        doomed = torch.tensor(ids, dtype=torch.long)
+        order, refill = ops.forget_order(self.sources, doomed)  # [L, N] each
+        d = self.pool.shape[-1]
+        rows = self.pool.gather(1, order.unsqueeze(-1).expand(-1, -1, d))
+        self.pool = torch.where(refill.unsqueeze(-1), initial_pool.to(self.pool), rows)
+        self.sources = torch.where(refill, INITIAL_SOURCE, self.sources.gather(1, order))
+        if self.stm_ages is not None:
+            oldest = self.stm_ages.amax(dim=1, keepdim=True).expand_as(self.stm_ages)
+            self.stm_ages = torch.where(refill, oldest, self.stm_ages.gather(1, order))
+        if self.ltm is not None:
+            self.ltm.forget(doomed)
+        self.forgotten = tuple(sorted(set(self.forgotten) | set(ids)))
+        return {"stm_rows": sum(counts.get(u, (0, 0))[0] for u in ids),
+                "ltm_rows": sum(counts.get(u, (0, 0))[1] for u in ids)}
 
     def info(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -128,6 +256,7 @@ class Memory:
             "updates": self.num_updates,
             "fingerprint": self.fingerprint,
             "bytes": self.pool.numel() * self.pool.element_size(),
+            "forgotten": list(self.forgotten),
         }
         if self.ltm is not None:
             out.update(self.ltm.info())
@@ -136,15 +265,20 @@ class Memory:
     # ---- persistence -------------------------------------------------------------------------
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        out = {"pool": self.pool}
+        out = {"pool": self.pool, "sources": self.sources, "update_log": self._log()}
         if self.stm_ages is not None:
             out["stm_ages"] = self.stm_ages
         if self.ltm is not None:
             out.update(self.ltm.state_dict())
         return out
 
-    def save(self, path: str | os.PathLike, shard_bytes: int = 2 << 30) -> Path:
+    def save(self, path: str | os.PathLike, shard_bytes: int = 2 << 30, dtype: str | None = None) -> Path:
         """Write atomically, under the memory's lock: `path` is either the old version or the complete new one.
+
+        `dtype`: how the file stores the pool and the long-term vectors and keys, one of STORAGE_DTYPES
+        ("int8": a float32 scale per row, |error| <= scale / 2 = max|row| / 254); None: `self.storage`
+        (as held, unless the memory was loaded from a compact file). The file loads back in the dtype
+        the memory was held in.
 
         A symlink is written through (its target is replaced, the link stays) and an existing file keeps its
         mode; a read-only file is refused. A long-term memory larger than `shard_bytes` goes to sibling shard
@@ -152,6 +286,9 @@ class Memory:
         rename, lists them with their checksums, and the shards the previous main file listed are removed
         only after it. Temporary files and orphan shards that a killed save left are swept here.
         """
+        dtype = dtype if dtype is not None else self.storage
+        if dtype is not None and dtype not in STORAGE_DTYPES:
+            raise ValueError(f"unknown storage dtype {dtype!r}: use one of {', '.join(STORAGE_DTYPES)}")
         path = Path(path)
         target = _resolve(path)
         if target.is_dir():
@@ -163,6 +300,7 @@ class Memory:
         except OSError as e:
             raise MemoryFileError(f"cannot save memory {path}: {_reason(e)} (creating its directory)") from None
         tensors = {k: v.detach().to("cpu").contiguous() for k, v in self.tensors().items()}
+        tensors, held = _compact(tensors, dtype)
         main = {k: v for k, v in tensors.items() if not _is_ltm_layer_tensor(k)}
         ltm_tensors = {k: v for k, v in tensors.items() if _is_ltm_layer_tensor(k)}
         generation = secrets.token_hex(4)
@@ -173,7 +311,10 @@ class Memory:
             "fingerprint": self.fingerprint,
             "initialized": json.dumps(self.initialized),
             "num_updates": str(self.num_updates),
+            "forgotten": json.dumps(list(self.forgotten)),
         }
+        if dtype is not None:
+            meta["storage"] = json.dumps({"dtype": dtype, "held": held})
         if self.ltm is not None:
             meta["ltm"] = json.dumps(dataclasses.asdict(self.ltm.config))
         shards: list[dict] = []
@@ -206,6 +347,10 @@ class Memory:
     def load(cls, path: str | os.PathLike, device: torch.device | str = "cpu", verify: bool = True) -> "Memory":
         """Read a memory file (and its shards). Raises MemoryFileError naming what is wrong.
 
+        Files from before provenance (no `sources`): every row gets source 0 (the initial memory) if
+        the memory had seen no update, else -1 (unknown); their updates' tags are unknown (0).
+        Compactly stored rows are dequantised here, to the dtype the memory was held in.
+
         Tensors are memory-mapped, not read: a long-term memory of millions of vectors loads without
         entering RAM. `verify` checks every checksum, which streams through the files once. Loading takes
         no lock: a read that a concurrent save overlapped (the file replaced while safetensors opened it,
@@ -237,6 +382,8 @@ class Memory:
             if verify and _checksum(part) != shard["checksum"]:
                 raise MemoryFileError(f"{_resolve(path).parent / shard['file']} is corrupt: checksum mismatch")
             tensors.update(part)
+        if header.storage is not None:
+            tensors = _expand(path, tensors, header.storage)
         return cls._from_tensors(path, header, tensors, device)
 
     @classmethod
@@ -248,10 +395,17 @@ class Memory:
             raise MemoryFileError(f"{path} has no valid memory pool (a float tensor [layers, N, d])")
         if ages is not None and tuple(ages.shape) != tuple(pool.shape[:2]):
             raise MemoryFileError(f"{path} has stm_ages of shape {tuple(ages.shape)}, not {tuple(pool.shape[:2])}")
+        sources, log = tensors.get("sources"), tensors.get("update_log")
+        if sources is not None and (tuple(sources.shape) != tuple(pool.shape[:2]) or sources.is_floating_point()):
+            raise MemoryFileError(f"{path} has sources of shape {tuple(sources.shape)} ({sources.dtype}), not "
+                                  f"integers of shape {tuple(pool.shape[:2])}")
+        if log is not None and (log.dim() != 2 or log.shape[1] != 2 or log.is_floating_point()):
+            raise MemoryFileError(f"{path} has an update_log of shape {tuple(log.shape)}, not [updates, 2] integers")
+        missing = INITIAL_SOURCE if header.num_updates == 0 else UNKNOWN_SOURCE
         ltm = None
         if header.ltm is not None:
             try:
-                ltm = LongTermMemory.from_tensors(tensors, header.ltm)
+                ltm = LongTermMemory.from_tensors(tensors, header.ltm, missing_source=missing)
             except KeyError as e:
                 raise MemoryFileError(f"{path} is incomplete: its long-term memory lacks tensor {e}") from None
         return cls(
@@ -261,6 +415,11 @@ class Memory:
             initialized=header.initialized,
             num_updates=header.num_updates,
             ltm=ltm,
+            sources=(sources.to(device, torch.long) if sources is not None
+                     else torch.full(tuple(pool.shape[:2]), missing, dtype=torch.long, device=device)),
+            update_log=log.to(torch.long) if log is not None else None,
+            forgotten=header.forgotten,
+            storage=header.storage["dtype"] if header.storage is not None else None,
         )
 
 
@@ -275,6 +434,8 @@ class _Header:
     num_updates: int
     ltm: LTMConfig | None
     shards: list[dict]
+    forgotten: tuple[int, ...] = ()
+    storage: dict | None = None  # {"dtype": how rows are stored, "held": {row tensor kind: dtype on load}}
 
 
 def _parse_header(path: Path, meta: dict[str, str]) -> _Header:
@@ -325,7 +486,17 @@ def _parse_header(path: Path, meta: dict[str, str]) -> _Header:
     for s in shards:
         if not _is_plain_name(s["file"]):
             raise bad("shards", f"shard {s['file'][:60]!r} is not a file name in the memory's own directory")
-    return _Header(version, checksum, meta["fingerprint"], initialized, int(meta["num_updates"]), ltm, shards)
+    forgotten = json_field("forgotten") if "forgotten" in meta else []
+    if not isinstance(forgotten, list) or not all(isinstance(u, int) and not isinstance(u, bool) for u in forgotten):
+        raise bad("forgotten", "expected a list of update ids")
+    storage = json_field("storage") if "storage" in meta else None
+    if storage is not None and not (
+        isinstance(storage, dict) and storage.get("dtype") in STORAGE_DTYPES and isinstance(storage.get("held"), dict)
+        and all(k in _ROW_TENSORS and v in STORAGE_DTYPES[:3] for k, v in storage["held"].items())
+    ):
+        raise bad("storage", "expected {dtype, held} naming how the rows are stored")
+    return _Header(version, checksum, meta["fingerprint"], initialized, int(meta["num_updates"]), ltm, shards,
+                   tuple(forgotten), storage)
 
 
 def _read_shard(path: Path, shard: dict) -> dict[str, torch.Tensor]:
@@ -515,3 +686,140 @@ def _checksum(tensors: dict[str, torch.Tensor], meta: dict[str, str] | None = No
         h.update(str(tuple(t.shape)).encode())
         h.update(t.view(-1).view(torch.uint8).numpy() if t.numel() else b"")
     return h.hexdigest()
+
+
+# ---- compact storage ----------------------------------------------------------------------------
+
+
+def _row_kind(name: str) -> str:
+    """`ltm_keys.3` -> `ltm_keys`, `pool` -> `pool`: which row tensor a stored tensor is."""
+    return name.split(".", 1)[0]
+
+
+def _scale_name(name: str) -> str:
+    """Where an int8 tensor's per-row scales are stored: `ltm.3` -> `ltm_scale.3` (sharded with its layer)."""
+    kind, dot, layer = name.partition(".")
+    return f"{kind}_scale{dot}{layer}"
+
+
+def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 with one float32 scale per row: x [..., d] -> (q [..., d] int8, scale [...]), where
+    x ~ q * scale and |x - q * scale| <= scale / 2, scale = max|row| / 127."""
+    x = x.float()
+    scale = x.abs().amax(dim=-1) / 127 if x.shape[-1] else x.new_zeros(x.shape[:-1])
+    q = torch.round(x / scale.clamp(min=torch.finfo(torch.float32).tiny).unsqueeze(-1)).clamp_(-127, 127)
+    return q.to(torch.int8), scale
+
+
+def dequantize_rows(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The inverse of `quantize_rows`, in `dtype`."""
+    return (q.float() * scale.float().unsqueeze(-1)).to(dtype)
+
+
+def _compact(tensors: dict[str, torch.Tensor], dtype: str | None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The tensors as a file stores them with storage `dtype`, and the dtype each row kind is held in."""
+    if dtype is None:
+        return tensors, {}
+    out: dict[str, torch.Tensor] = {}
+    held: dict[str, str] = {}
+    for name, t in tensors.items():
+        kind = _row_kind(name)
+        if kind not in _ROW_TENSORS:
+            out[name] = t
+            continue
+        held[kind] = str(t.dtype).removeprefix("torch.")
+        if dtype == "int8":
+            out[name], out[_scale_name(name)] = quantize_rows(t)
+        else:
+            out[name] = t.to(getattr(torch, dtype))
+    return out, held
+
+
+def _expand(path: Path, tensors: dict[str, torch.Tensor], storage: dict) -> dict[str, torch.Tensor]:
+    """Compactly stored rows back in the dtype they were held in (int8 rows dequantised)."""
+    held = storage["held"]
+    out: dict[str, torch.Tensor] = {}
+    for name, t in tensors.items():
+        kind = _row_kind(name)
+        if kind.endswith("_scale") and kind.removesuffix("_scale") in _ROW_TENSORS:
+            continue
+        if kind not in _ROW_TENSORS or kind not in held:
+            out[name] = t
+            continue
+        dtype = getattr(torch, held[kind])
+        if t.dtype != torch.int8:
+            out[name] = t.to(dtype)
+            continue
+        scale = tensors.get(_scale_name(name))
+        if scale is None or tuple(scale.shape) != tuple(t.shape[:-1]):
+            raise MemoryFileError(f"{path} is incomplete: int8 tensor {name} has no matching scales")
+        out[name] = dequantize_rows(t, scale, dtype)
+    return out
+
+
+# ---- comparing memories -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MemoryDiff:
+    """What two memories (typically forks of one) do not share.
+
+    only_a / only_b: update ids one memory has that the other lacks (same id, different tag: each
+    fork made its own update u). unknown: ids whose tags neither memory recorded (files from before
+    provenance). forgotten_*: updates one forgot and the other did not. stm_rows_changed: short-term
+    positions (layer, row) holding different vectors. ltm_rows_only_*: long-term rows (incl. cache)
+    one holds and the other does not, compared by content per layer.
+    """
+
+    only_a: tuple[int, ...]
+    only_b: tuple[int, ...]
+    shared: tuple[int, ...]
+    unknown: tuple[int, ...]
+    forgotten_only_a: tuple[int, ...]
+    forgotten_only_b: tuple[int, ...]
+    stm_rows_changed: int
+    ltm_rows_only_a: int
+    ltm_rows_only_b: int
+
+    @property
+    def identical(self) -> bool:
+        return not (self.only_a or self.only_b or self.forgotten_only_a or self.forgotten_only_b
+                    or self.stm_rows_changed or self.ltm_rows_only_a or self.ltm_rows_only_b)
+
+
+def diff(a: Memory, b: Memory) -> MemoryDiff:
+    """Compare two memories of one model: which updates each has that the other lacks, and how many
+    short-term and long-term rows differ. Raises MemoryMismatchError for memories of different models."""
+    if a.fingerprint != b.fingerprint or a.pool.shape != b.pool.shape:
+        raise MemoryMismatchError("cannot compare memories of different models (fingerprint or shape differ)")
+    tags_a, tags_b = a._log()[:, 0].tolist(), b._log()[:, 0].tolist()
+    only_a, only_b, shared, unknown = [], [], [], []
+    for u in range(1, max(len(tags_a), len(tags_b)) + 1):
+        ta = tags_a[u - 1] if u <= len(tags_a) else None
+        tb = tags_b[u - 1] if u <= len(tags_b) else None
+        if ta == tb == 0:
+            unknown.append(u)
+        elif ta == tb:
+            shared.append(u)
+        else:
+            if ta is not None:
+                only_a.append(u)
+            if tb is not None:
+                only_b.append(u)
+    changed = int((a.pool.cpu() != b.pool.cpu().to(a.pool.dtype)).any(dim=-1).sum())
+    rows_a, rows_b = _ltm_rows(a), _ltm_rows(b)
+    fa, fb = set(a.forgotten), set(b.forgotten)
+    return MemoryDiff(tuple(only_a), tuple(only_b), tuple(shared), tuple(unknown), tuple(sorted(fa - fb)),
+                      tuple(sorted(fb - fa)), changed, sum((rows_a - rows_b).values()),
+                      sum((rows_b - rows_a).values()))
+
+
+def _ltm_rows(memory: Memory) -> Counter[tuple[int, bytes]]:
+    """Every long-term row and cached row of a memory as (layer, its bytes), with multiplicity."""
+    rows: Counter[tuple[int, bytes]] = Counter()
+    if memory.ltm is None:
+        return rows
+    for l, st in enumerate(memory.ltm.layers):
+        for part in (st.vectors, st.cache_vectors):
+            rows.update((l, r.tobytes()) for r in part.detach().float().cpu().numpy())
+    return rows

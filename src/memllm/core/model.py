@@ -40,7 +40,8 @@ from transformers import PreTrainedModel
 from transformers.activations import ACT2FN
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from memllm.core import hf_compat
+from memllm.core import attribution, hf_compat
+from memllm.core.attribution import Attribution
 from memllm.core.config import MemoryConfig
 from memllm.core.generate import ask, generate, stream
 from memllm.core.inject import MIN_CONTEXT_TOKENS, DropPolicy, chunks, delta_memory, update
@@ -650,9 +651,20 @@ class MemoryModel(nn.Module):
         """transformers' `generate` read against a memory; see `memllm.core.generate.generate`."""
         return generate(self, memory, input_ids, attention_mask, **kw)
 
-    def ask(self, memory: Memory, question: "str | list[str]", max_new_tokens: int = 32, **kw) -> "str | list[str]":
-        """Answer a question (or a batch) from memory."""
+    def ask(self, memory: Memory, question: "str | list[str]", max_new_tokens: int = 32, explain: bool = False,
+            **kw) -> "str | list[str] | Attribution":
+        """Answer a question (or a batch) from memory. With `explain` (one question): the answer and the
+        updates whose memory rows it attended to (`memllm.core.attribution.Attribution`)."""
+        if explain:
+            if not isinstance(question, str):
+                raise ValueError("explain=True answers one question at a time: give a str, not a list")
+            return attribution.explain(self, memory, question, max_new_tokens=max_new_tokens, **kw)
         return ask(self, memory, question, max_new_tokens=max_new_tokens, **kw)
+
+    def forget(self, memory: Memory, update_ids: "int | list[int] | tuple[int, ...]") -> dict[str, int]:
+        """Remove the rows those updates wrote (`Memory.forget`), refilled from this model's initial pool;
+        returns the rows removed from short- and long-term memory."""
+        return memory.forget(update_ids, self.initial_pool)
 
     def stream(self, memory: Memory, question: str, max_new_tokens: int = 128, **kw) -> Iterator[str]:
         """Stream the answer to a question as it is generated."""

@@ -44,8 +44,9 @@ def empty_ltm(model: "MemoryModel") -> LongTermMemory:
 
 def move_dropped_to_ltm(model: "MemoryModel", memory: Memory, ltm: LongTermMemory, kept: torch.Tensor,
                         k: int) -> list | None:
-    """Before the pool drops rows: send them (with ages and retrieval keys) to the memory's long-term
-    memory `ltm` (its cache), age the STM, and run the merge schedule. kept [L, N - k] ascending.
+    """Before the pool drops rows: send them (with ages, retrieval keys and source update ids) to the
+    memory's long-term memory `ltm` (its cache), age the STM, and run the merge schedule.
+    kept [L, N - k] ascending.
     Returns the merge's source positions."""
     L, N, _ = memory.pool.shape
     if memory.stm_ages is None:
@@ -55,7 +56,8 @@ def move_dropped_to_ltm(model: "MemoryModel", memory: Memory, ltm: LongTermMemor
         for l in range(L):
             rows = memory.pool[l, gone[l]].detach()  # [k, d]
             keys = retrieval_keys(model, l, rows.to(hf_compat.layer_device(model.layers[l])))
-            ltm.add_dropped(l, rows.cpu(), keys.float().cpu(), memory.stm_ages[l, gone[l]].cpu())
+            ltm.add_dropped(l, rows.cpu(), keys.float().cpu(), memory.stm_ages[l, gone[l]].cpu(),
+                            memory.sources[l, gone[l]].cpu())
     memory.stm_ages = ops.stm_ages_after(memory.stm_ages, kept, model.config.stm_ages_grow)
     return ltm.finish_update(k)
 

@@ -53,3 +53,14 @@ def stm_ages_after(stm_ages: torch.Tensor, kept: torch.Tensor, grow: bool = Fals
     survivors = stm_ages.gather(-1, kept) + (K if grow else 0)
     new = torch.arange(K - 1, -1, -1, device=stm_ages.device).expand(*kept.shape[:-1], K)
     return torch.cat([survivors, new], dim=-1)
+
+
+def forget_order(ids: torch.Tensor, doomed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where every row goes when the rows labelled `doomed` [u] leave: ids [..., N] -> (order [..., N],
+    refill [..., N] bool). Row j of the result is old row order[j]; the f removed rows of a layer are
+    moved to its front (the oldest end) and marked `refill` there, for the caller to overwrite; the
+    survivors follow in their order."""
+    gone = torch.isin(ids, doomed.to(ids.device))
+    order = torch.argsort((~gone).to(torch.int8), dim=-1, stable=True)  # removed first, survivors in order
+    refill = torch.arange(ids.shape[-1], device=ids.device) < gone.sum(-1, keepdim=True)
+    return order, refill
