@@ -18,7 +18,7 @@ import memllm  # noqa: E402
 from memllm.core.generate import ask_many  # noqa: E402
 from memllm.serve.app import Limits, create_app  # noqa: E402
 from memllm.serve.store import NotFound, Store, Update, VersionConflict  # noqa: E402
-from memllm.serve.worker import Ask, Inject, Stream, Worker, seeded_drop  # noqa: E402
+from memllm.serve.worker import Ask, Inject, Load, Stream, Worker, seeded_drop  # noqa: E402
 
 BIOS = [
     "Ga Rus. Hobby surfing. Native of Wygard. Favourite colour purple. Born 1949. A mechanic.",
@@ -128,6 +128,19 @@ def test_worker_batches_questions_for_different_memories(model, store):
     assert worker.forwards - before == 1  # 8 questions over 2 memories: one generation
     single = [model.ask(store.load("acme", i)[0], question, max_new_tokens=4) for i in ids]
     assert answers == [single[i % 2] for i in range(8)]
+    worker.close()
+
+
+def test_a_replica_loads_a_memory_ahead_of_its_requests(model, store):
+    worker = Worker(model, store)
+    record = store.create("acme", model.new_memory())
+    assert worker.submit(Load(record.id)).result(timeout=60) == 1
+    assert worker.cache.get(record.id, 1) is not None
+    with pytest.raises(NotFound):
+        worker.submit(Load("mem_ffffffffffffffff")).result(timeout=60)
+    store.delete("acme", record.id)
+    with pytest.raises(NotFound):
+        worker.submit(Load(record.id)).result(timeout=60)
     worker.close()
 
 
@@ -299,6 +312,10 @@ def test_keys_from_the_command_line(tmp_path):
     both = runner.invoke(app, ["serve", "keys", "create", "--store", str(tmp_path), "--tenant", "a", "--admin"])
     assert both.exit_code == 2 and "--tenant" in both.output
     assert runner.invoke(app, ["serve"]).exit_code == 2  # no --store
+    for bad, why in ((["--replicas", "2"], "--replicas needs --ray"), (["--cache-bytes", "0"], "at least 1"),
+                     (["--ray", "--replicas", "0"], "at least 1")):
+        refused = runner.invoke(app, ["serve", "--store", str(tmp_path), *bad])
+        assert refused.exit_code == 2 and why in refused.output, (bad, refused.output)
 
 
 def test_memory_cache_keeps_the_recently_used_within_its_bytes(model):

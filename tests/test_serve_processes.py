@@ -24,21 +24,23 @@ from memllm.bench.serve import ServerProcess  # noqa: E402
 from memllm.serve.worker import seeded_drop  # noqa: E402
 
 
-def server(store_dir) -> ServerProcess:
+def server(store_dir, catalogue: str | None = None) -> ServerProcess:
     """`memllm.serve.run.serve` on the shipped tiny model in its own process (see memllm.bench.serve)."""
-    return ServerProcess("tiny-memoryllm", str(store_dir), max_batch=64, threads=1)
+    return ServerProcess("tiny-memoryllm", str(store_dir), max_batch=64, threads=1, catalogue=catalogue)
 
 
 def note(i: int) -> str:
     return f"Note {i}: the meeting room for team {i} is on floor {i % 7}, and Ga Rus booked it for {i % 5} hours."
 
 
-def test_two_server_processes_on_one_store_lose_no_write(tmp_path):
-    store = Store(str(tmp_path))
+def two_servers_lose_no_write(store_dir, catalogue: str | None = None) -> None:
+    """24 injections into one memory from 8 clients through two server processes on one store: all
+    applied, each in its own version, the final memory equal to replaying the history."""
+    store = Store(str(store_dir), catalogue)
     key = store.create_key("acme")
     headers = {"authorization": f"Bearer {key}"}
     with ExitStack() as stack:
-        servers = [stack.enter_context(server(tmp_path)) for _ in range(2)]
+        servers = [stack.enter_context(server(store_dir, catalogue)) for _ in range(2)]
         mid = httpx.post(servers[0].url + "/v1/memories", json={}, headers=headers).json()["id"]
         n = 24
 
@@ -59,6 +61,10 @@ def test_two_server_processes_on_one_store_lose_no_write(tmp_path):
         model.inject(replay, h["text"], drop=seeded_drop(model, h["id"]))
     final, _ = store.load("acme", mid)
     assert torch.equal(final.pool, replay.pool)
+
+
+def test_two_server_processes_on_one_store_lose_no_write(tmp_path):
+    two_servers_lose_no_write(tmp_path)
 
 
 def kill_trials(tmp_path, trials: int) -> None:

@@ -815,22 +815,40 @@ def serve(
     retention: int = typer.Option(20, help="versions per memory whose files are kept"),
     keep_texts: bool = typer.Option(True, "--keep-texts/--no-keep-texts", help="keep injected texts in the history"),
     threads: Optional[int] = typer.Option(None, help="torch threads"),
+    cache_bytes: int = typer.Option(1 << 30, help="bytes of memories each worker keeps loaded (least recently "
+                                                  "used out first)"),
+    prefix_cache_bytes: int = typer.Option(1 << 30, help="bytes of those memories' key/value prefixes each model "
+                                                         "keeps ready (least recently used out first)"),
+    ray: bool = typer.Option(False, "--ray", help="run on Ray Serve (RAY_ADDRESS's cluster, else a local one), "
+                                                 "requests routed to replicas by memory; needs the `ray` extra"),
+    replicas: int = typer.Option(1, help="with --ray: replicas of the model (each with its own worker)"),
 ) -> None:
     """Start the server: `memllm serve --store DIR` (create a key first: `memllm serve keys create`)."""
     if ctx.invoked_subcommand is not None:
         return
     if store is None:
         _fail("give --store DIR (or an fsspec URL): where the memories live", 2)
-    if max_batch < 1 or retention < 1:
-        _fail("--max-batch and --retention must be at least 1", 2)
+    if min(max_batch, retention, replicas, cache_bytes, prefix_cache_bytes) < 1:
+        _fail("--max-batch, --retention, --replicas, --cache-bytes and --prefix-cache-bytes must be at least 1", 2)
+    if replicas > 1 and not ray:
+        _fail("--replicas needs --ray (one process serves one replica)", 2)
     from memllm.core.checkpoint import CheckpointError
-    from memllm.serve.run import serve as run
+    from memllm.serve.run import ServeConfig, serve as run
     from memllm.serve.store import StoreError
 
-    console.print(f"memllm serve: {model} on http://{host}:{port}/v1, memories in {store}", highlight=False)
+    config = ServeConfig(store, model, catalogue, max_batch=max_batch, retention=retention, keep_texts=keep_texts,
+                         threads=threads, cache_bytes=cache_bytes, prefix_cache_bytes=prefix_cache_bytes)
+    where = f"{replicas} Ray Serve replica(s)" if ray else "one process"
+    console.print(f"memllm serve: {model} on http://{host}:{port}/v1 ({where}), memories in {store}", highlight=False)
     try:
-        run(model, store, catalogue, host=host, port=port, max_batch=max_batch, retention=retention,
-            keep_texts=keep_texts, threads=threads)
+        if ray:
+            try:
+                from memllm.serve.ray_serve import serve_ray
+            except ImportError as e:
+                _fail(f"--ray needs Ray Serve: pip install -e \".[ray]\" ({e})")
+            serve_ray(config, replicas, host=host, port=port)
+        else:
+            run(config, host=host, port=port)
     except (CheckpointError, StoreError, OSError) as e:
         _fail(str(e))
 

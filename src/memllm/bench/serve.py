@@ -40,14 +40,16 @@ def _free_port() -> int:
 
 class ServerProcess:
     """`memllm.serve.run.serve` in a process of its own (the clients' threads must not share its GIL);
-    `proc` is the process, `url` where it listens once the `with` block is entered."""
+    `proc` is the process, `url` where it listens once the `with` block is entered. `catalogue`: an
+    SQLAlchemy URL (default: SQLite in the store directory)."""
 
-    def __init__(self, model_path: str, store_dir: str, max_batch: int, threads: int | None) -> None:
+    def __init__(self, model_path: str, store_dir: str, max_batch: int, threads: int | None,
+                 catalogue: str | None = None) -> None:
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.code = ("from memllm.serve.run import serve; from memllm.serve.app import Limits; "
-                     f"serve({model_path!r}, {store_dir!r}, port={self.port}, threads={threads!r}, "
-                     f"max_batch={max_batch}, limits=Limits(max_in_flight=4096))")
+        self.code = ("from memllm.serve.run import ServeConfig, serve; from memllm.serve.app import Limits; "
+                     f"serve(ServeConfig({store_dir!r}, {model_path!r}, {catalogue!r}, threads={threads!r}, "
+                     f"max_batch={max_batch}, limits=Limits(max_in_flight=4096)), port={self.port})")
 
     def __enter__(self) -> "ServerProcess":
         self.proc = subprocess.Popen([sys.executable, "-c", self.code], stdout=subprocess.DEVNULL,

@@ -93,6 +93,12 @@ class ForkRequest(BaseModel):
     name: str = Field(default="", max_length=200)
 
 
+def memory_of(model_field: str, memory_field: str | None) -> str:
+    """The memory a completion reads: the `memory` field, else the last part of `model`. The worker
+    checks that the caller's tenant owns it (404 otherwise) when it loads it."""
+    return memory_field or model_field.rsplit("/", 1)[-1]
+
+
 def caller(request: Request) -> Key:
     """The API key of a request (a tenant's key: admin keys manage keys, not memories)."""
     scheme, _, token = request.headers.get("authorization", "").partition(" ")
@@ -140,11 +146,6 @@ def create_app(model: MemoryModel, store: Store, model_name: str = "memllm", lim
 
     async def run(job) -> Any:
         return await asyncio.wrap_future(worker.submit(job))
-
-    def memory_of(model_field: str, memory_field: str | None) -> str:
-        """The memory a completion reads: the `memory` field, else the last part of `model`. The worker
-        checks that the caller's tenant owns it (404 otherwise) when it loads it."""
-        return memory_field or model_field.rsplit("/", 1)[-1]
 
     def check_text(text: str) -> None:
         if not text.strip():

@@ -178,9 +178,12 @@ class Store:
     def create_tenant(self, tenant: str) -> None:
         if not TENANT_ID.match(tenant or ""):
             raise StoreError("tenant ids are 1-64 letters, digits, '_', '.' or '-'")
-        with self.engine.begin() as db:
-            if db.execute(sa.select(tenants.c.id).where(tenants.c.id == tenant)).first() is None:
-                db.execute(tenants.insert().values(id=tenant, created=time.time()))
+        try:
+            with self.engine.begin() as db:
+                if db.execute(sa.select(tenants.c.id).where(tenants.c.id == tenant)).first() is None:
+                    db.execute(tenants.insert().values(id=tenant, created=time.time()))
+        except sa.exc.IntegrityError:  # another writer created it between our read and our insert
+            pass
 
     def create_key(self, tenant: str | None) -> str:
         """A new API key for `tenant` (None: an admin key). The secret is returned once and stored hashed."""
@@ -239,6 +242,17 @@ class Store:
         if not found:
             raise NotFound(f"no memory {memory_id!r}")
         return found[0]
+
+    def owner(self, memory_id: str) -> str:
+        """The tenant of a live memory: for a Ray Serve replica loading the memory a request names before
+        the app has authenticated it (the app then refuses another tenant's request as usual)."""
+        check_memory_id(memory_id)
+        with self.engine.connect() as db:
+            tenant = db.execute(sa.select(memories.c.tenant).where(memories.c.id == memory_id,
+                                                                   ~memories.c.deleted)).scalar()
+        if tenant is None:
+            raise NotFound(f"no memory {memory_id!r}")
+        return tenant
 
     def list(self, tenant: str) -> list[MemoryRecord]:
         return self._records(tenant)

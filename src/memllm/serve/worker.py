@@ -65,6 +65,14 @@ class Inject:
     future: Future = field(default_factory=Future)  # -> (version, update ids)
 
 
+@dataclass
+class Load:
+    """Load a memory into the cache ahead of its requests (a Ray Serve replica taking a memory on)."""
+
+    memory_id: str
+    future: Future = field(default_factory=Future)  # -> the version loaded
+
+
 def seeded_drop(model: MemoryModel, update_id: str) -> RandomDrop:
     """The published random drop, drawn from the update's id: replaying the history reproduces the memory."""
     generator = torch.Generator().manual_seed(update_seed(update_id))
@@ -108,7 +116,7 @@ def _nbytes(memory: Memory) -> int:
 
 
 class Worker:
-    """Serves Ask, Stream and Inject jobs on one thread; `submit` returns the job's future."""
+    """Serves Ask, Stream, Inject and Load jobs on one thread; `submit` returns the job's future."""
 
     def __init__(self, model: MemoryModel, store: Store, max_batch: int = 64, cache_bytes: int = 1 << 30,
                  batch_across_memories: bool = True) -> None:
@@ -120,7 +128,7 @@ class Worker:
         self._thread = threading.Thread(target=self._run, name="memllm-model-worker", daemon=True)
         self._thread.start()
 
-    def submit(self, job: Ask | Stream | Inject) -> Future:
+    def submit(self, job: Ask | Stream | Inject | Load) -> Future:
         self.jobs.put(job)
         return job.future
 
@@ -156,7 +164,7 @@ class Worker:
                 continue
             self._answer(asks)
             asks = []
-            self._guard(job, self._stream if isinstance(job, Stream) else self._inject)
+            self._guard(job, {Stream: self._stream, Inject: self._inject, Load: self._load}[type(job)])
         self._answer(asks)
 
     @staticmethod
@@ -212,6 +220,9 @@ class Worker:
                 continue
             for (job, _), answer in zip(members, answers):
                 job.future.set_result(answer)
+
+    def _load(self, job: Load) -> int:
+        return self.current(self.store.owner(job.memory_id), job.memory_id)[1]
 
     def _stream(self, job: Stream) -> None:
         memory, _ = self.current(job.tenant, job.memory_id)
