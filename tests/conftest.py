@@ -122,3 +122,15 @@ def distinct_documents(n: int, length: int, seed: int, letters: int = 3) -> list
         s = "".join(rng.choice(chars) for _ in range(length))
         docs.append(s + s)
     return docs
+
+
+def replay_history(model, store, tenant: str, memory_id: str):
+    """A fresh memory with a served memory's recorded history applied in its recorded order, each update's
+    drops drawn from its id as the server draws them: what the stored memory must equal if no write was
+    lost or applied twice."""
+    from memllm.serve.worker import seeded_drop
+
+    replay = model.new_memory()
+    for h in sorted(store.history(tenant, memory_id), key=lambda h: (h["version"], h["seq"])):
+        model.inject(replay, h["text"], drop=seeded_drop(model, h["id"]))
+    return replay

@@ -20,12 +20,12 @@ pytest.importorskip("fastapi")
 ray = pytest.importorskip("ray", reason="Ray Serve is optional: pip install -e '.[ray]'")
 serve = pytest.importorskip("ray.serve", reason="Ray Serve is optional: pip install -e '.[ray]'")
 
+from conftest import replay_history  # noqa: E402
 import memllm  # noqa: E402
 from memllm.serve.app import Limits  # noqa: E402
 from memllm.serve.ray_serve import APP_NAME, REPLICA_HEADER, Forwarded, application, memory_id_of  # noqa: E402
 from memllm.serve.run import ServeConfig  # noqa: E402
 from memllm.serve.store import Store  # noqa: E402
-from memllm.serve.worker import seeded_drop  # noqa: E402
 
 BIOS = ["Ga Rus. Hobby surfing. Native of Wygard. Favourite colour purple. Born 1949. A mechanic.",
         "Bo Dil. Born in 1966. Enjoys hiking. A photographer. Likes green best. From Yaria. Owns a goat.",
@@ -93,10 +93,7 @@ def test_injections_into_one_memory_through_both_replicas_are_all_applied(cluste
     assert sorted(body["version"] for _, _, body in results) == list(range(2, n + 2))  # none lost
     history = store.history("acme", mid)
     assert sorted(h["text"] for h in history) == sorted(note(i) for i in range(n))
-    model = memllm.load("tiny-memoryllm")
-    replay = model.new_memory()
-    for h in sorted(history, key=lambda h: (h["version"], h["seq"])):
-        model.inject(replay, h["text"], drop=seeded_drop(model, h["id"]))
+    replay = replay_history(memllm.load("tiny-memoryllm"), store, "acme", mid)
     final, _ = store.load("acme", mid)
     assert final.num_updates == n and torch.equal(final.pool, replay.pool)
 

@@ -14,11 +14,12 @@ import torch
 pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient  # noqa: E402
 
+from conftest import replay_history  # noqa: E402
 import memllm  # noqa: E402
 from memllm.core.generate import ask_many  # noqa: E402
 from memllm.serve.app import Limits, create_app  # noqa: E402
 from memllm.serve.store import NotFound, Store, Update, VersionConflict  # noqa: E402
-from memllm.serve.worker import Ask, Inject, Load, Stream, Worker, seeded_drop  # noqa: E402
+from memllm.serve.worker import Ask, Inject, Load, Stream, Worker  # noqa: E402
 
 BIOS = [
     "Ga Rus. Hobby surfing. Native of Wygard. Favourite colour purple. Born 1949. A mechanic.",
@@ -236,13 +237,10 @@ def test_concurrent_injections_through_the_api_are_all_applied(served, n, client
     assert sorted(r.json()["version"] for r in results) == list(range(2, n + 2))
     history = store.history("acme", mid)
     assert sorted(h["text"] for h in history) == sorted(texts)
-    # the final state equals applying them one by one in the recorded order, each update's drops
-    # drawn from its id
-    model = client.app.state.worker.model
-    replay = model.new_memory()  # version 1, whose files retention (20 versions) has removed by now
+    # the final state equals applying them one by one in the recorded order, each update's drops drawn
+    # from its id, to a fresh memory (version 1's files, like the next few, retention has removed by now)
     assert [v["available"] for v in store.versions("acme", mid)][:5] == [False] * 5
-    for h in sorted(history, key=lambda h: (h["version"], h["seq"])):
-        model.inject(replay, h["text"], drop=seeded_drop(model, h["id"]))
+    replay = replay_history(client.app.state.worker.model, store, "acme", mid)
     final, _ = store.load("acme", mid)
     assert final.num_updates == replay.num_updates == n
     assert torch.equal(final.pool, replay.pool)

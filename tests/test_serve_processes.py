@@ -17,11 +17,11 @@ import torch
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
 
+from conftest import replay_history  # noqa: E402
 import memllm  # noqa: E402
 from memllm.core.memory import Memory  # noqa: E402
 from memllm.serve.store import Store  # noqa: E402
 from memllm.bench.serve import ServerProcess  # noqa: E402
-from memllm.serve.worker import seeded_drop  # noqa: E402
 
 
 def server(store_dir, catalogue: str | None = None) -> ServerProcess:
@@ -55,10 +55,7 @@ def two_servers_lose_no_write(store_dir, catalogue: str | None = None) -> None:
     assert sorted(versions) == list(range(2, n + 2))  # every write got its own version, none lost
     history = store.history("acme", mid)
     assert sorted(h["text"] for h in history) == sorted(note(i) for i in range(n))
-    model = memllm.load("tiny-memoryllm")
-    replay = model.new_memory()
-    for h in sorted(history, key=lambda h: (h["version"], h["seq"])):
-        model.inject(replay, h["text"], drop=seeded_drop(model, h["id"]))
+    replay = replay_history(memllm.load("tiny-memoryllm"), store, "acme", mid)
     final, _ = store.load("acme", mid)
     assert torch.equal(final.pool, replay.pool)
 
