@@ -139,4 +139,10 @@ def test_asks_go_to_the_replica_that_holds_their_memory(cluster):
     # a memory that does not exist is the app's 404, through the router as without it
     missing = http.post("/v1/chat/completions", json={**body, "stream": False, "model": "mem_ffffffffffffffff"})
     assert missing.status_code == 404
+    # an oversized body is refused by the router, announced or not (chunked: no Content-Length)
+    big = b"{" + b" " * (5 << 20) + b"}"
+    parts = (big[i:i + (1 << 16)] for i in range(0, len(big), 1 << 16))
+    for content in (big, parts):
+        refused = http.post(f"/v1/memories/{mids[0]}/inject", content=content, headers={"content-type": "application/json"})
+        assert refused.status_code == 413, refused.text
     http.close()

@@ -198,6 +198,21 @@ def test_streaming_matches_the_whole_answer(served):
     assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks) == whole
 
 
+def chunked(body: bytes, size: int = 1 << 16):
+    """A request body as a generator: httpx sends it chunked, without a Content-Length."""
+    for i in range(0, len(body), size):
+        yield body[i:i + size]
+
+
+def test_a_chunked_body_within_the_limit_is_read(served):
+    client, store, _ = served
+    mid = client.post("/v1/memories", json={}).json()["id"]
+    r = client.post(f"/v1/memories/{mid}/inject", content=chunked(json.dumps({"text": "Ga Rus. Hobby surfing. Native of Wygard. Favourite colour purple. Born 1949."}).encode(), 7),
+                    headers={"content-type": "application/json"})
+    assert r.status_code == 200, r.text
+    assert store.get("acme", mid).version == 2
+
+
 def test_bad_requests_get_clear_errors_and_change_nothing(served):
     client, store, key = served
     mid = client.post("/v1/memories", json={}).json()["id"]
@@ -218,6 +233,8 @@ def test_bad_requests_get_clear_errors_and_change_nothing(served):
             {"role": "user", "content": "Q: " + "a " * 850 + "A:"}]}), 400),  # 850 tokens: past the positions
         (client.post(f"/v1/memories/{mid}/inject", content=b"{" + b" " * (5 << 20) + b"}",
                      headers={"content-type": "application/json"}), 413),
+        (client.post(f"/v1/memories/{mid}/inject", content=chunked(b"{" + b" " * (5 << 20) + b"}"),
+                     headers={"content-type": "application/json"}), 413),  # no Content-Length
     ]
     for response, status in cases:
         assert response.status_code == status, (response.status_code, response.text)

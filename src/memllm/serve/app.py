@@ -99,6 +99,36 @@ def memory_of(model_field: str, memory_field: str | None) -> str:
     return memory_field or model_field.rsplit("/", 1)[-1]
 
 
+class BodyTooLarge(HTTPException):
+    def __init__(self, limit: int) -> None:
+        super().__init__(413, f"request body over {limit} bytes")
+
+
+class BodyLimit:
+    """ASGI middleware: a request body over `limit` bytes is refused (413) as it arrives, also when no
+    Content-Length announces it (a chunked upload): the endpoint's read of the body raises BodyTooLarge
+    once the bytes received pass the limit, before more are buffered."""
+
+    def __init__(self, app, limit: int) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        received = 0
+
+        async def counted() -> dict:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.limit:
+                    raise BodyTooLarge(self.limit)
+            return message
+
+        await self.app(scope, counted, send)
+
+
 def caller(request: Request) -> Key:
     """The API key of a request (a tenant's key: admin keys manage keys, not memories)."""
     scheme, _, token = request.headers.get("authorization", "").partition(" ")
@@ -124,6 +154,7 @@ def create_app(model: MemoryModel, store: Store, model_name: str = "memllm", lim
         (404, "no such memory (or another tenant's)"), (409, "other writers kept winning; retry"), (413, "over a size limit"), (429, "too many requests in flight"))}
     app = FastAPI(title="memllm", version="1", description=__doc__.split("\n\n")[0], responses=errors)
     app.state.worker, app.state.store = worker, store
+    app.add_middleware(BodyLimit, limit=limits.max_body_bytes)
 
     @app.middleware("http")
     async def refuse_big_bodies(request: Request, call_next):

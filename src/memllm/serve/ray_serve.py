@@ -151,12 +151,18 @@ class Router:
         self.max_body_bytes = max_body_bytes
 
     async def __call__(self, request: Request) -> Response:
+        message = f"request body over {self.max_body_bytes} bytes"  # as the app refuses it
+        too_large = JSONResponse({"error": {"message": message, "type": "invalid_request_error"}, "detail": message},
+                                 status_code=413)
         length = request.headers.get("content-length")
         if length is not None and (not length.isdigit() or int(length) > self.max_body_bytes):
-            message = f"request body over {self.max_body_bytes} bytes"  # refused before it is read, as the app does
-            return JSONResponse({"error": {"message": message, "type": "invalid_request_error"}, "detail": message},
-                                status_code=413)
-        body = await request.body()
+            return too_large  # before it is read
+        received = bytearray()
+        async for chunk in request.stream():  # a chunked body announces no length: count it as it comes
+            received += chunk
+            if len(received) > self.max_body_bytes:
+                return too_large
+        body = bytes(received)
         forwarded = Forwarded(request.method, request.url.path, request.url.query.encode(),
                               list(request.headers.raw), body)
         handle = self.replicas.options(multiplexed_model_id=memory_id_of(forwarded.path, body))
