@@ -207,7 +207,8 @@ def chunked(body: bytes, size: int = 1 << 16):
 def test_a_chunked_body_within_the_limit_is_read(served):
     client, store, _ = served
     mid = client.post("/v1/memories", json={}).json()["id"]
-    r = client.post(f"/v1/memories/{mid}/inject", content=chunked(json.dumps({"text": "Ga Rus. Hobby surfing. Native of Wygard. Favourite colour purple. Born 1949."}).encode(), 7),
+    body = json.dumps({"text": "Ga Rus. Hobby surfing. Native of Wygard. Favourite colour purple. Born 1949."})
+    r = client.post(f"/v1/memories/{mid}/inject", content=chunked(body.encode(), 7),
                     headers={"content-type": "application/json"})
     assert r.status_code == 200, r.text
     assert store.get("acme", mid).version == 2

@@ -117,7 +117,8 @@ def forgetting(model, world, n_people: int = 50, k: int | None = None, seed: int
                 cells["floor"].add(answer, truths[j])
             for i, prompt, answer, truth in zip(owners, prompts, before, truths):
                 if answer == truth:  # attribute the greedy answer, as `ask` gives it
-                    top = explain(model, memory, prompt, max_new_tokens=max_new_tokens, chat=False).top(1, updates_only=True)
+                    why = explain(model, memory, prompt, max_new_tokens=max_new_tokens, chat=False)
+                    top = why.top(1, updates_only=True)
                     cells["attribution_top1"].correct += bool(top) and top[0][0] in updates[i]
                     cells["attribution_top1"].total += 1
             stm, ltm = _rows_of(memory, updates[target])
@@ -194,7 +195,8 @@ def print_results(results: dict[str, dict[str, Any]]) -> None:
         return f"{value:+.3f} [{lo}, {hi}]"
 
     for name, r in results.items():
-        table = Table(title=f"{name}: {r['k']} people per memory, {r['memories']} memories, target = one of the first 4 written "
+        table = Table(title=f"{name}: {r['k']} people per memory, {r['memories']} memories, "
+                            f"target = one of the first 4 written "
                             f"({_share(r['target_ltm_share'])} of its remaining rows in long-term memory)",
                       title_justify="left")
         table.add_column("measure")
