@@ -104,10 +104,17 @@ class BodyTooLarge(HTTPException):
         super().__init__(413, f"request body over {limit} bytes")
 
 
+def announced_too_large(content_length: str | None, limit: int) -> bool:
+    """Does a request's Content-Length header (None: absent) announce a body over `limit` bytes (or
+    is it no number at all)?"""
+    return content_length is not None and (not content_length.isdigit() or int(content_length) > limit)
+
+
 class BodyLimit:
-    """ASGI middleware: a request body over `limit` bytes is refused (413) as it arrives, also when no
-    Content-Length announces it (a chunked upload): the endpoint's read of the body raises BodyTooLarge
-    once the bytes received pass the limit, before more are buffered."""
+    """ASGI middleware: a request body is counted as it arrives, so that one no Content-Length announces
+    (a chunked upload) is held to the limit too: the endpoint's read of it raises BodyTooLarge once the
+    bytes received pass `limit`, before more are buffered. (Announced sizes are refused before reading,
+    by the app's outer middleware: `announced_too_large`.)"""
 
     def __init__(self, app, limit: int) -> None:
         self.app, self.limit = app, limit
@@ -154,26 +161,26 @@ def create_app(model: MemoryModel, store: Store, model_name: str = "memllm", lim
         (404, "no such memory (or another tenant's)"), (409, "other writers kept winning; retry"), (413, "over a size limit"), (429, "too many requests in flight"))}
     app = FastAPI(title="memllm", version="1", description=__doc__.split("\n\n")[0], responses=errors)
     app.state.worker, app.state.store = worker, store
+    # added first, so it runs inside the middleware below, where its BodyTooLarge reaches FastAPI as a 413
     app.add_middleware(BodyLimit, limit=limits.max_body_bytes)
 
     @app.middleware("http")
     async def refuse_big_bodies(request: Request, call_next):
-        length = request.headers.get("content-length")
-        if length is not None and (not length.isdigit() or int(length) > limits.max_body_bytes):
-            return JSONResponse(_error(f"request body over {limits.max_body_bytes} bytes"), status_code=413)
+        if announced_too_large(request.headers.get("content-length"), limits.max_body_bytes):
+            return JSONResponse(error_body(f"request body over {limits.max_body_bytes} bytes"), status_code=413)
         if in_flight.locked():
-            return JSONResponse(_error("too many requests in flight; retry later"), status_code=429)
+            return JSONResponse(error_body("too many requests in flight; retry later"), status_code=429)
         async with in_flight:
             return await call_next(request)
 
     @app.exception_handler(StoreError)
     async def store_error(request: Request, e: StoreError):
-        return JSONResponse(_error(str(e)), status_code=404 if isinstance(e, NotFound) else 400)
+        return JSONResponse(error_body(str(e)), status_code=404 if isinstance(e, NotFound) else 400)
 
     @app.exception_handler(ValueError)
     async def refused_by_the_model(request: Request, e: ValueError):
         """The model's checks (a question longer than its positions, bad token ids, ...): bad input."""
-        return JSONResponse(_error(str(e)), status_code=400)
+        return JSONResponse(error_body(str(e)), status_code=400)
 
     async def run(job) -> Any:
         return await asyncio.wrap_future(worker.submit(job))
@@ -309,7 +316,8 @@ def create_app(model: MemoryModel, store: Store, model_name: str = "memllm", lim
 # ---- response shapes ------------------------------------------------------------------------------
 
 
-def _error(message: str) -> dict:
+def error_body(message: str) -> dict:
+    """An error as OpenAI's clients read it (`error.message`) and FastAPI's do (`detail`)."""
     return {"error": {"message": message, "type": "invalid_request_error"}, "detail": message}
 
 
@@ -358,7 +366,7 @@ def _sse(worker: Worker, job: Stream, model: str, chat: bool) -> StreamingRespon
         try:
             await asyncio.wrap_future(future)
         except Exception as e:  # the stream has begun: the error travels as an event
-            yield "data: " + json.dumps(_error(str(e))) + "\n\n"
+            yield "data: " + json.dumps(error_body(str(e))) + "\n\n"
         else:
             yield chunk(None, finish="stop")
         yield "data: [DONE]\n\n"

@@ -29,7 +29,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.types import ASGIApp
 
-from memllm.serve.app import memory_of
+from memllm.serve.app import announced_too_large, error_body, memory_of
 from memllm.serve.run import ServeConfig
 from memllm.serve.store import MEMORY_ID, NotFound
 from memllm.serve.worker import Load
@@ -151,12 +151,9 @@ class Router:
         self.max_body_bytes = max_body_bytes
 
     async def __call__(self, request: Request) -> Response:
-        message = f"request body over {self.max_body_bytes} bytes"  # as the app refuses it
-        too_large = JSONResponse({"error": {"message": message, "type": "invalid_request_error"}, "detail": message},
-                                 status_code=413)
-        length = request.headers.get("content-length")
-        if length is not None and (not length.isdigit() or int(length) > self.max_body_bytes):
-            return too_large  # before it is read
+        too_large = JSONResponse(error_body(f"request body over {self.max_body_bytes} bytes"), status_code=413)
+        if announced_too_large(request.headers.get("content-length"), self.max_body_bytes):
+            return too_large  # before it is read, as the app refuses it
         received = bytearray()
         async for chunk in request.stream():  # a chunked body announces no length: count it as it comes
             received += chunk
