@@ -16,6 +16,7 @@ from memllm.cli import app
 from memllm.core.inject import RandomDrop
 from memllm.core.memory import Memory, UnknownUpdateError
 from memllm.core.tiny import random_model
+from memllm.eval.forgetting import survival_bar
 
 TEXTS = [f"Entry {i}: the ferry to island {i} leaves at {i % 12} o'clock from pier {i * 7}." for i in range(40)]
 runner = CliRunner()
@@ -104,6 +105,13 @@ def test_forgotten_updates_are_saved(tmp_path: Path) -> None:
     assert loaded.forgotten == (2, 3) and torch.equal(loaded.sources, memory.sources)
 
 
+def test_survival_bar_shows_short_and_long_term_shares() -> None:
+    assert survival_bar(1.0, 0.0, width=10) == "\u2588" * 10
+    assert survival_bar(0.25, 0.5, width=8) == "\u2588" * 2 + "\u2592" * 4 + "\u00b7" * 2
+    assert survival_bar(None, None, width=4) == "\u00b7" * 4
+    assert survival_bar(0.9, 0.9, width=10) == "\u2588" * 9 + "\u2592"  # never longer than its width
+
+
 # ---- the command line ------------------------------------------------------------------------------
 
 
@@ -122,6 +130,10 @@ def test_cli_memory_info_forget_and_ask_explain(model_dir: Path, tmp_path: Path)
     assert r.exit_code == 0 and "rows per update" in r.output
     last = memory.num_updates
     assert f"│ {last} " in r.output.replace("┃", "│")  # the newest update is listed
+    assert "\u2588" * 10 in r.output  # ... and all its rows are still in short-term memory: a full bar
+    r = runner.invoke(app, ["memory", "info", str(mem), "--plot", str(tmp_path / "survival.png")])
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "survival.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     r = runner.invoke(app, ["ask", "Where does the ferry leave?", "--model", str(model_dir), "--memory", str(mem),
                             "--max-new-tokens", "3", "--explain"])
     assert r.exit_code == 0, r.output

@@ -416,9 +416,14 @@ def memory_new(
 
 
 @memory_app.command("info")
-def memory_info(path: Path = typer.Argument(..., help="memory file")) -> None:
-    """Sizes, updates, dtype and the model fingerprint of a memory file."""
+def memory_info(
+    path: Path = typer.Argument(..., help="memory file"),
+    plot: Optional[Path] = typer.Option(None, help="also draw each update's surviving rows by its age into this PNG"),
+) -> None:
+    """Sizes, updates, dtype and the model fingerprint of a memory file, and how much of each update's
+    rows survive in short-term and long-term memory."""
     from memllm import Memory, MemoryFileError
+    from memllm.eval.forgetting import plot_survival, survival_bar
 
     try:
         memory = Memory.load(path)
@@ -428,17 +433,24 @@ def memory_info(path: Path = typer.Argument(..., help="memory file")) -> None:
     for k, v in memory.info().items():
         table.add_row(k, escape(str(v)))
     out.print(table)
-    table = Table("update", "short-term rows", "long-term rows", "share still in short-term", "in long-term",
-                  "forgotten", title="rows per update that wrote them (0: the initial memory, -1: unknown)",
-                  title_justify="left")
+    table = Table("update", "age", "STM rows", "LTM rows", "share in STM", "in LTM", "held", "forgotten",
+                  title="rows per update that wrote them (0: the initial memory, -1: unknown); held: the share of its "
+                        "rows still in short-term (\u2588) and long-term (\u2592) memory", title_justify="left")
+    table.columns[6].no_wrap = True
 
     def share(x: Optional[float]) -> str:
         return "" if x is None else f"{x:.1%}"
 
-    for row in memory.provenance():
-        table.add_row(str(row["update"]), str(row["stm_rows"]), str(row["ltm_rows"]), share(row["stm_share"]),
-                      share(row["ltm_share"]), "yes" if row["forgotten"] else "")
+    provenance = memory.provenance()
+    for row in provenance:
+        age = str(memory.num_updates - row["update"]) if row["update"] >= 1 else ""
+        bar = survival_bar(row["stm_share"], row["ltm_share"], width=10) if row["written"] else ""
+        table.add_row(str(row["update"]), age, str(row["stm_rows"]), str(row["ltm_rows"]), share(row["stm_share"]),
+                      share(row["ltm_share"]), bar, "yes" if row["forgotten"] else "")
     out.print(table)
+    if plot is not None:
+        plot_survival(provenance, memory.num_updates, plot)
+        console.print(f"plot -> {escape(str(plot))}")
 
 
 @memory_app.command("forget")

@@ -35,6 +35,7 @@ import torch
 from torch import Tensor
 
 from memllm.core.ltm_index import SCAN_CHUNK, LTMIndex
+from memllm.core.ops import dequantize_rows, quantize_rows
 
 RetrievalMode = Literal["exact", "index"]
 
@@ -95,6 +96,11 @@ class LTMLayer:
 
     The cache is kept as a list of chunks (one per injection) so that appending is O(K) and
     the concatenation is only materialised when needed.
+
+    Compact holding (``LongTermMemory.to(torch.int8)``): ``vectors`` are int8 with a float32 scale per
+    row in ``scales``, and every read (`rows`, `dense_vectors`) dequantises only the rows it returns, to
+    ``dense_dtype``. The cache (at most one merge interval of rows) stays in the dtype it arrived in
+    and is quantised when it merges.
     """
 
     vectors: Tensor  # [M, d]
@@ -106,6 +112,8 @@ class LTMLayer:
     cache_age_chunks: list[Tensor] = field(default_factory=list)  # each [k_i] int64
     sources: Tensor | None = None  # [M] int64, the update that wrote each row (None: INITIAL_SOURCE)
     cache_source_chunks: list[Tensor] = field(default_factory=list)  # each [k_i] int64
+    scales: Tensor | None = None  # [M] float32 when vectors are held as int8: row i is vectors[i] * scales[i]
+    dense_dtype: torch.dtype = torch.float32  # what reads of int8-held rows return
 
     def __post_init__(self) -> None:
         if self.sources is None:
@@ -131,7 +139,8 @@ class LTMLayer:
 
     @property
     def cache_vectors(self) -> Tensor:  # [C, d]
-        return self._cat(self.cache_vector_chunks, self.vectors)
+        return self._cat(self.cache_vector_chunks, self.vectors if self.scales is None
+                         else self.vectors[:0].to(self.dense_dtype))  # an int8-held LTM caches float rows
 
     @property
     def cache_keys(self) -> Tensor:  # [C, s]
@@ -145,9 +154,21 @@ class LTMLayer:
     def cache_sources(self) -> Tensor:  # [C] int64
         return self._cat(self.cache_source_chunks, self.sources)
 
+    def dense_vectors(self) -> Tensor:
+        """The LTM rows [M, d] in a float dtype (dequantised when held as int8)."""
+        return self.vectors if self.scales is None else dequantize_rows(self.vectors, self.scales, self.dense_dtype)
+
     def rows(self, positions: Tensor) -> Tensor:
-        """Rows of ``[LTM ; cache]`` at ``positions`` without concatenating the two. [n, d]"""
-        return _gather_two(self.vectors, self.cache_vectors, positions)
+        """Rows of ``[LTM ; cache]`` at ``positions`` without concatenating the two; int8-held rows
+        are dequantised here, only the ones asked for. [n, d]"""
+        if self.scales is None:
+            return _gather_two(self.vectors, self.cache_vectors, positions)
+        in_ltm = positions < self.num_ltm
+        out = torch.empty(positions.shape[0], self.vectors.shape[1], dtype=self.dense_dtype)
+        at = positions[in_ltm]
+        out[in_ltm] = dequantize_rows(self.vectors[at], self.scales[at], self.dense_dtype)
+        out[~in_ltm] = self.cache_vectors[positions[~in_ltm] - self.num_ltm].to(self.dense_dtype)
+        return out
 
     def row_ages(self, positions: Tensor) -> Tensor:
         """Ages of ``[LTM ; cache]`` at ``positions``. [n] int64"""
@@ -173,6 +194,8 @@ class LTMLayer:
         kept = torch.nonzero(~gone).squeeze(1)
         self.vectors, self.keys = self.vectors[kept], self.keys[kept]
         self.ages, self.recall_frequencies = self.ages[kept], self.recall_frequencies[kept]
+        if self.scales is not None:
+            self.scales = self.scales[kept]
         self.sources = self.sources[kept]
         return kept
 
@@ -313,15 +336,19 @@ class LongTermMemory:
         layers = []
         for l in range(num_layers):
             vectors, keys = tensors[f"ltm.{l}"], tensors[f"ltm_keys.{l}"]
+            cache = tensors.get(f"ltm_cache.{l}")
             layer = LTMLayer(
                 vectors,
                 keys,
                 tensors[f"ltm_ages.{l}"].round().to(torch.int64),
                 tensors[f"ltm_recall_frequencies.{l}"].to(torch.float32),
                 sources=_sources(tensors.get(f"ltm_sources.{l}"), vectors.shape[0], missing_source),
+                scales=tensors[f"ltm_scale.{l}"].to(torch.float32) if vectors.dtype == torch.int8 else None,
+                dense_dtype=cache.dtype if cache is not None and cache.is_floating_point() else torch.float32,
             )
-            if f"ltm_cache.{l}" in tensors and tensors[f"ltm_cache.{l}"].shape[0] > 0:
-                cache = tensors[f"ltm_cache.{l}"]
+            if layer.scales is not None and tuple(layer.scales.shape) != (vectors.shape[0],):
+                raise ValueError(f"ltm_scale.{l} has shape {tuple(layer.scales.shape)}, not ({vectors.shape[0]},)")
+            if cache is not None and cache.shape[0] > 0:
                 layer.cache_vector_chunks.append(cache)
                 layer.cache_key_chunks.append(tensors[f"ltm_cache_keys.{l}"])
                 layer.cache_age_chunks.append(tensors[f"ltm_cache_ages.{l}"].round().to(torch.int64))
@@ -336,6 +363,8 @@ class LongTermMemory:
         out: dict[str, Tensor] = {}
         for l, layer in enumerate(self.layers):
             out[f"ltm.{l}"] = layer.vectors
+            if layer.scales is not None:
+                out[f"ltm_scale.{l}"] = layer.scales
             out[f"ltm_keys.{l}"] = layer.keys
             out[f"ltm_ages.{l}"] = layer.ages.to(torch.float32)
             out[f"ltm_recall_frequencies.{l}"] = layer.recall_frequencies
@@ -363,12 +392,24 @@ class LongTermMemory:
         return LongTermMemory(self.config, layers, self.update_step)
 
     def to(self, dtype: torch.dtype) -> LongTermMemory:
-        """A copy holding its vectors (rows and cached rows) in ``dtype``; keys, ages and sources as they are."""
+        """A copy holding its vectors in ``dtype``; keys, ages and sources as they are. ``torch.int8``
+        holds the LTM rows as int8 with a float32 scale per row (|error| <= max|row| / 254), dequantised
+        on every read to the dtype they had; the cache stays as it is until it merges."""
         copy = self.fork()
         for st in copy.layers:
-            st.vectors = st.vectors.to(dtype)
-            st.cache_vector_chunks[:] = [c.to(dtype) for c in st.cache_vector_chunks]
+            dense = st.dense_vectors()
+            if dtype == torch.int8:
+                st.vectors, st.scales = quantize_rows(dense)
+                st.dense_dtype = dense.dtype
+            else:
+                st.vectors, st.scales, st.dense_dtype = dense.to(dtype), None, dtype
+                st.cache_vector_chunks[:] = [c.to(dtype) for c in st.cache_vector_chunks]
         return copy
+
+    @property
+    def dtype(self) -> torch.dtype | None:
+        """How the LTM rows are held (torch.int8 when quantised); None without layers."""
+        return self.layers[0].vectors.dtype if self.layers else None
 
     def forget(self, doomed: Tensor) -> None:
         """Remove every row and cached row whose source update id is in ``doomed`` [u], at every
@@ -391,12 +432,14 @@ class LongTermMemory:
             t.numel() * t.element_size()
             for st in self.layers
             for t in (st.vectors, st.keys, st.ages, st.recall_frequencies, st.cache_vectors, st.cache_keys)
+            + ((st.scales,) if st.scales is not None else ())
         )
         return {
             "ltm_vectors_per_layer": [st.num_ltm for st in self.layers],
             "ltm_cached_per_layer": self.layers[0].num_cached if self.layers else 0,
             "ltm_age_range": [int(min(a.min() for a in ages)), int(max(a.max() for a in ages))] if ages else None,
             "ltm_bytes": nbytes,
+            "ltm_dtype": str(self.dtype).removeprefix("torch."),
             "ltm_update_step": self.update_step,
         }
 
@@ -444,6 +487,9 @@ class LongTermMemory:
         rf -= cfg.decay_frequency
         alive = rf > _RF_ALIVE_THRESHOLD
         cache_v, cache_k, cache_a, cache_s = st.cache_vectors, st.cache_keys, st.cache_ages, st.cache_sources
+        cache_scales = None
+        if st.scales is not None:  # held as int8: the cache joins quantised
+            cache_v, cache_scales = quantize_rows(cache_v)
         index = self.indexes[l]
         if int(alive.sum()) > cfg.retrieval_size:
             keep = torch.nonzero(alive).squeeze(1)  # [n] ascending
@@ -451,6 +497,8 @@ class LongTermMemory:
             st.keys = _gather_two(st.keys, cache_k, keep)
             st.ages = _gather_two(st.ages, cache_a, keep)
             st.sources = _gather_two(st.sources, cache_s, keep)
+            if cache_scales is not None:
+                st.scales = _gather_two(st.scales, cache_scales, keep)
             st.recall_frequencies = rf[keep]
             if index is not None:
                 index.add(cache_k)
@@ -461,6 +509,8 @@ class LongTermMemory:
             st.keys = torch.cat([st.keys, cache_k.to(st.keys.dtype)])
             st.ages = torch.cat([st.ages, cache_a])
             st.sources = torch.cat([st.sources, cache_s])
+            if cache_scales is not None:
+                st.scales = torch.cat([st.scales, cache_scales])
             st.recall_frequencies = rf + cfg.decay_frequency
             if index is not None:
                 index.add(cache_k)

@@ -152,7 +152,17 @@ class Memory:
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "Memory":
         """A copy on another device / in another dtype (the LTM stays in host memory; its vectors
-        take the dtype too, e.g. bfloat16 to hold a long-term memory in half the RAM)."""
+        take the dtype too, e.g. bfloat16 to hold a long-term memory in half the RAM).
+
+        `torch.int8` holds the long-term memory's rows as int8 with a scale per row (about a quarter
+        of float32; retrieval dequantises only the rows it returns) and leaves the short-term pool as
+        it is: every layer reads all N pool rows at every step, so the pool is held in a float dtype
+        (bfloat16 for half the bytes)."""
+        if dtype == torch.int8:
+            if self.ltm is None:
+                raise ValueError("int8 holds a long-term memory; this memory has none (save(dtype='int8') "
+                                 "stores a short-term pool compactly)")
+            return dataclasses.replace(self.to(device), ltm=self.ltm.to(torch.int8))
         ages = self.stm_ages.to(device) if self.stm_ages is not None and device is not None else self.stm_ages
         sources = self.sources.to(device) if self.sources is not None and device is not None else self.sources
         ltm = self.ltm.to(dtype) if self.ltm is not None and dtype is not None else self.ltm
@@ -408,6 +418,8 @@ class Memory:
                 ltm = LongTermMemory.from_tensors(tensors, header.ltm, missing_source=missing)
             except KeyError as e:
                 raise MemoryFileError(f"{path} is incomplete: its long-term memory lacks tensor {e}") from None
+            except ValueError as e:
+                raise MemoryFileError(f"{path} is corrupt: {e}") from None
         return cls(
             pool=pool.to(device),
             stm_ages=ages.to(device) if ages is not None else None,
@@ -492,7 +504,8 @@ def _parse_header(path: Path, meta: dict[str, str]) -> _Header:
     storage = json_field("storage") if "storage" in meta else None
     if storage is not None and not (
         isinstance(storage, dict) and storage.get("dtype") in STORAGE_DTYPES and isinstance(storage.get("held"), dict)
-        and all(k in _ROW_TENSORS and v in STORAGE_DTYPES[:3] for k, v in storage["held"].items())
+        and all(k in _ROW_TENSORS and (v in STORAGE_DTYPES[:3] or (k == "ltm" and v == "int8"))
+                for k, v in storage["held"].items())
     ):
         raise bad("storage", "expected {dtype, held} naming how the rows are stored")
     return _Header(version, checksum, meta["fingerprint"], initialized, int(meta["num_updates"]), ltm, shards,
@@ -702,58 +715,60 @@ def _scale_name(name: str) -> str:
     return f"{kind}_scale{dot}{layer}"
 
 
-def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric int8 with one float32 scale per row: x [..., d] -> (q [..., d] int8, scale [...]), where
-    x ~ q * scale and |x - q * scale| <= scale / 2, scale = max|row| / 127."""
-    x = x.float()
-    scale = x.abs().amax(dim=-1) / 127 if x.shape[-1] else x.new_zeros(x.shape[:-1])
-    q = torch.round(x / scale.clamp(min=torch.finfo(torch.float32).tiny).unsqueeze(-1)).clamp_(-127, 127)
-    return q.to(torch.int8), scale
-
-
-def dequantize_rows(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """The inverse of `quantize_rows`, in `dtype`."""
-    return (q.float() * scale.float().unsqueeze(-1)).to(dtype)
+def _is_scale(name: str) -> bool:
+    kind = _row_kind(name)
+    return kind.endswith("_scale") and kind.removesuffix("_scale") in _ROW_TENSORS
 
 
 def _compact(tensors: dict[str, torch.Tensor], dtype: str | None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """The tensors as a file stores them with storage `dtype`, and the dtype each row kind is held in."""
+    """The tensors as a file stores them with storage `dtype`, and the dtype each row kind is held in.
+    Rows held as int8 (a long-term memory held compactly, with its `ltm_scale` tensors) are stored as
+    they are for int8 storage, dequantised for the others."""
     if dtype is None:
         return tensors, {}
     out: dict[str, torch.Tensor] = {}
     held: dict[str, str] = {}
     for name, t in tensors.items():
         kind = _row_kind(name)
+        if _is_scale(name):
+            continue
         if kind not in _ROW_TENSORS:
             out[name] = t
             continue
         held[kind] = str(t.dtype).removeprefix("torch.")
-        if dtype == "int8":
-            out[name], out[_scale_name(name)] = quantize_rows(t)
+        if t.dtype == torch.int8:
+            scale = tensors[_scale_name(name)]
+            if dtype == "int8":
+                out[name], out[_scale_name(name)] = t, scale
+            else:
+                out[name] = ops.dequantize_rows(t, scale, getattr(torch, dtype))
+        elif dtype == "int8":
+            out[name], out[_scale_name(name)] = ops.quantize_rows(t)
         else:
             out[name] = t.to(getattr(torch, dtype))
     return out, held
 
 
 def _expand(path: Path, tensors: dict[str, torch.Tensor], storage: dict) -> dict[str, torch.Tensor]:
-    """Compactly stored rows back in the dtype they were held in (int8 rows dequantised)."""
+    """Compactly stored rows back in the dtype they were held in: int8 rows dequantised, or kept as int8
+    with their scales where the memory held them so."""
     held = storage["held"]
     out: dict[str, torch.Tensor] = {}
     for name, t in tensors.items():
         kind = _row_kind(name)
-        if kind.endswith("_scale") and kind.removesuffix("_scale") in _ROW_TENSORS:
+        if _is_scale(name):
             continue
         if kind not in _ROW_TENSORS or kind not in held:
             out[name] = t
             continue
-        dtype = getattr(torch, held[kind])
-        if t.dtype != torch.int8:
-            out[name] = t.to(dtype)
-            continue
         scale = tensors.get(_scale_name(name))
-        if scale is None or tuple(scale.shape) != tuple(t.shape[:-1]):
+        if t.dtype == torch.int8 and (scale is None or tuple(scale.shape) != tuple(t.shape[:-1])):
             raise MemoryFileError(f"{path} is incomplete: int8 tensor {name} has no matching scales")
-        out[name] = dequantize_rows(t, scale, dtype)
+        if held[kind] == "int8":
+            out[name], out[_scale_name(name)] = (t, scale) if t.dtype == torch.int8 else ops.quantize_rows(t)
+            continue
+        dtype = getattr(torch, held[kind])
+        out[name] = ops.dequantize_rows(t, scale, dtype) if t.dtype == torch.int8 else t.to(dtype)
     return out
 
 
@@ -820,6 +835,6 @@ def _ltm_rows(memory: Memory) -> Counter[tuple[int, bytes]]:
     if memory.ltm is None:
         return rows
     for l, st in enumerate(memory.ltm.layers):
-        for part in (st.vectors, st.cache_vectors):
+        for part in (st.dense_vectors(), st.cache_vectors):
             rows.update((l, r.tobytes()) for r in part.detach().float().cpu().numpy())
     return rows

@@ -64,3 +64,17 @@ def forget_order(ids: torch.Tensor, doomed: torch.Tensor) -> tuple[torch.Tensor,
     order = torch.argsort((~gone).to(torch.int8), dim=-1, stable=True)  # removed first, survivors in order
     refill = torch.arange(ids.shape[-1], device=ids.device) < gone.sum(-1, keepdim=True)
     return order, refill
+
+
+def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 with one float32 scale per row: x [..., d] -> (q [..., d] int8, scale [...]), where
+    x ~ q * scale and |x - q * scale| <= scale / 2, scale = max|row| / 127."""
+    x = x.float()
+    scale = x.abs().amax(dim=-1) / 127 if x.shape[-1] else x.new_zeros(x.shape[:-1])
+    q = torch.round(x / scale.clamp(min=torch.finfo(torch.float32).tiny).unsqueeze(-1)).clamp_(-127, 127)
+    return q.to(torch.int8), scale
+
+
+def dequantize_rows(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The inverse of `quantize_rows`, in `dtype`."""
+    return (q.float() * scale.float().unsqueeze(-1)).to(dtype)

@@ -14,7 +14,8 @@ exact match, 95% Wilson intervals) and then, per memory:
   of the asked person's updates? (``attribution_top1``)
 - compact files: the memory saved as float32, bfloat16 and int8, loaded back, the four asked again:
   file size ratios and accuracy deltas against the memory as held (``int8_size_ratio``,
-  ``int8_accuracy_delta``, and bfloat16's);
+  ``int8_accuracy_delta``, and bfloat16's); for M+ also the long-term memory held in int8 and
+  dequantised as retrieval reads it (``int8_held_accuracy_delta``);
 - forgetting: the target's updates forgotten (`Memory.forget`), the four asked again: the target's
   accuracy minus the no-memory floor (the target asked against a fresh memory;
   ``forgotten_minus_floor``) and the others' accuracy after over before (``others_kept_ratio``).
@@ -85,7 +86,7 @@ def forgetting(model, world, n_people: int = 50, k: int | None = None, seed: int
     pool = world.heldout_people(n_people * k, seed=seed)
     drop = seeded_drop(model, seed, f"forgetting{k}")
     cells = {name: Tally() for name in ("floor", "target", "others", "target_forgotten", "others_after",
-                                        "attribution_top1", *(f"asked_{s}" for s in STORAGE))}
+                                        "attribution_top1", "asked_int8_held", *(f"asked_{s}" for s in STORAGE))}
     sizes = {s: 0 for s in STORAGE}
     target_ltm_rows = target_rows = 0
     with evaluating(model), tempfile.TemporaryDirectory() as tmp, \
@@ -131,6 +132,10 @@ def forgetting(model, world, n_people: int = 50, k: int | None = None, seed: int
                 loaded = Memory.load(path, device=model.device)
                 for answer, truth in zip(answer_words(model, loaded, prompts, max_new_tokens), truths):
                     cells[f"asked_{storage}"].add(answer, truth)
+            if memory.ltm is not None:  # M+: the long-term memory held as int8, dequantised as it is read
+                for answer, truth in zip(answer_words(model, memory.to(dtype=torch.int8), prompts, max_new_tokens),
+                                         truths):
+                    cells["asked_int8_held"].add(answer, truth)
 
             memory.forget(list(updates[target]), model.initial_pool)
             score(answer_words(model, memory, prompts, max_new_tokens), "target_forgotten", "others_after")
@@ -146,6 +151,7 @@ def forgetting(model, world, n_people: int = 50, k: int | None = None, seed: int
         short = "bf16" if storage == "bfloat16" else storage
         out[f"{short}_size_ratio"] = sizes[storage] / sizes["float32"]
         out[f"{short}_accuracy_delta"] = difference(cells[f"asked_{storage}"], held)
+    out["int8_held_accuracy_delta"] = difference(cells["asked_int8_held"], held) if cells["asked_int8_held"].total else None
     return out
 
 
@@ -168,6 +174,7 @@ def summary(result: dict[str, Any]) -> dict[str, Any]:
         "int8_size_ratio": result["int8_size_ratio"],
         "int8_accuracy_delta": result["int8_accuracy_delta"]["delta"],
         "int8_accuracy_delta_ci": result["int8_accuracy_delta"]["ci"],
+        "int8_held_accuracy_delta": (result["int8_held_accuracy_delta"] or {}).get("delta"),
         "bf16_size_ratio": result["bf16_size_ratio"],
         "bf16_accuracy_delta": result["bf16_accuracy_delta"]["delta"],
         "bf16_accuracy_delta_ci": result["bf16_accuracy_delta"]["ci"],
@@ -217,6 +224,9 @@ def print_results(results: dict[str, dict[str, Any]]) -> None:
             ("accuracy, int8 file - as held", interval(r["int8_accuracy_delta"]["delta"],
                                                       r["int8_accuracy_delta"]["ci"])),
         ]
+        if r.get("int8_held_accuracy_delta"):
+            rows.append(("accuracy, long-term memory held in int8 - as held",
+                         interval(r["int8_held_accuracy_delta"]["delta"], r["int8_held_accuracy_delta"]["ci"])))
         for label, value in rows:
             table.add_row(label, value)
         console.print(table)
@@ -243,3 +253,40 @@ def evaluate_forgetting(checkpoints: Sequence[str] = SHIPPED, n_people: int = 50
     if print_table:
         print_results(results)
     return {"results": results, "summary": {name: summary(r) for name, r in results.items()}}
+
+
+def survival_bar(stm_share: float | None, ltm_share: float | None, width: int = 20) -> str:
+    """A text bar of an update's rows still held: one block per 1/width of what it wrote, solid for
+    short-term rows, shaded for long-term ones."""
+    stm = round((stm_share or 0.0) * width)
+    ltm = min(round((ltm_share or 0.0) * width), width - stm)
+    return "\u2588" * stm + "\u2592" * ltm + "\u00b7" * (width - stm - ltm)
+
+
+def plot_survival(provenance: list[dict[str, Any]], num_updates: int, path: str | Path) -> None:
+    """Rows still held per update, as a share of the rows it wrote, by the update's age (updates since
+    it was written): short-term and long-term memory stacked; forgotten updates marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in provenance if r["written"]]
+    ages = [num_updates - r["update"] for r in rows]
+    stm = [r["stm_share"] or 0.0 for r in rows]
+    ltm = [r["ltm_share"] or 0.0 for r in rows]
+    fig, ax = plt.subplots(figsize=(9, 3.5))
+    ax.bar(ages, stm, width=0.9, label="short-term memory", color="C0")
+    ax.bar(ages, ltm, width=0.9, bottom=stm, label="long-term memory", color="C1")
+    gone = [a for a, r in zip(ages, rows) if r["forgotten"]]
+    if gone:
+        ax.scatter(gone, [0.02] * len(gone), marker="x", color="C3", label="forgotten", zorder=3)
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    ax.set(xlabel="update age (updates written since; 0 = newest)", ylabel="share of its rows still held",
+           ylim=(0, 1.05))
+    ax.set_title(f"survival of each update's rows ({num_updates} updates)", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+

@@ -181,7 +181,8 @@ def retrieval_precision(model, memory, prompts: list[str], owners: list[int],
             model(enc["input_ids"], memory, enc["attention_mask"], retrievals=trace)
         for l, results in trace:
             st = memory.ltm.layers[l]
-            everything = provenance.source(l, torch.cat([st.vectors, st.cache_vectors.to(st.vectors.dtype)]))
+            dense = st.dense_vectors()
+            everything = provenance.source(l, torch.cat([dense, st.cache_vectors.to(dense.dtype)]))
             for owner, r in zip(owners[i:i + ASK_BATCH], results):
                 sources = provenance.source(l, st.rows(r.order))
                 hits += sum(s == owner for s in sources)

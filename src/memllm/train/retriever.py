@@ -121,7 +121,7 @@ def refresh_ltm_keys(model: MemoryModel, chunk: int = 8192) -> None:
 
     for l, st in enumerate(ltm.layers):
         if st.num_ltm:
-            st.keys = keys(l, st.vectors, st.keys)
+            st.keys = keys(l, st.dense_vectors(), st.keys)
         if st.num_cached:
             st.cache_key_chunks[:] = [keys(l, st.cache_vectors, st.keys)]
     ltm.indexes = [None] * len(ltm.layers)
