@@ -352,3 +352,22 @@ def test_memory_cache_keeps_the_recently_used_within_its_bytes(model):
     small = MemoryCache(max_bytes=size // 2)  # a memory larger than the bound still stays loaded
     small.put("x", 1, model.new_memory())
     assert small.get("x", 1) is not None
+
+
+def test_a_hot_memory_is_described_from_the_cache_and_a_text_is_tokenized_once(served, monkeypatch):
+    client, store, _ = served
+    model = client.app.state.worker.model
+    calls = []
+    tokenize = model.encode_context
+    monkeypatch.setattr(model, "encode_context", lambda context: calls.append(type(context)) or tokenize(context))
+    mid = client.post("/v1/memories", json={"name": "hot"}).json()["id"]
+    r = client.post(f"/v1/memories/{mid}/inject", json={"texts": BIOS})
+    assert r.status_code == 200, r.text
+    assert calls.count(str) == len(BIOS)  # each text tokenized once (the injection takes the ids)
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the memory was read from the store")
+
+    monkeypatch.setattr(store, "load", no_load)
+    info = client.get(f"/v1/memories/{mid}").json()
+    assert info["version"] == 2 and info["info"]["updates"] == len(BIOS)

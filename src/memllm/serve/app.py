@@ -247,7 +247,9 @@ def create_app(model: MemoryModel, store: Store, model_name: str = "memllm", lim
     @app.get("/v1/memories/{memory_id}")
     def get_memory(memory_id: str, key: Caller) -> dict:
         record = store.get(key.tenant, memory_id)
-        memory, _ = store.load(key.tenant, memory_id)
+        memory = worker.cache.get(memory_id, record.version)  # a hot memory's info costs no read
+        if memory is None:
+            memory, _ = store.load(key.tenant, memory_id, record.version)
         return {**_record(record), "info": memory.info()}
 
     @app.post("/v1/memories/{memory_id}/inject")

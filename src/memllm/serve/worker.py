@@ -80,29 +80,38 @@ def seeded_drop(model: MemoryModel, update_id: str) -> RandomDrop:
 
 
 class MemoryCache:
-    """Loaded memories by id, with the version they hold; least recently used out past `max_bytes`."""
+    """Loaded memories by id, with the version they hold; least recently used out past `max_bytes`.
+    The worker fills it; request threads read it (a memory's info) and drop from it (delete), so every
+    method holds a lock."""
 
     def __init__(self, max_bytes: int) -> None:
         self.max_bytes = max_bytes
         self.entries: OrderedDict[str, tuple[int, Memory, int]] = OrderedDict()  # id -> (version, memory, bytes)
         self.bytes = 0
+        self._lock = threading.Lock()
 
     def get(self, memory_id: str, version: int) -> Memory | None:
-        entry = self.entries.get(memory_id)
-        if entry is None or entry[0] != version:
-            return None
-        self.entries.move_to_end(memory_id)
-        return entry[1]
+        with self._lock:
+            entry = self.entries.get(memory_id)
+            if entry is None or entry[0] != version:
+                return None
+            self.entries.move_to_end(memory_id)
+            return entry[1]
 
     def put(self, memory_id: str, version: int, memory: Memory) -> None:
-        self.drop(memory_id)
         size = _nbytes(memory)
-        self.entries[memory_id] = (version, memory, size)
-        self.bytes += size
-        while len(self.entries) > 1 and self.bytes > self.max_bytes:
-            self.bytes -= self.entries.popitem(last=False)[1][2]
+        with self._lock:
+            self._drop(memory_id)
+            self.entries[memory_id] = (version, memory, size)
+            self.bytes += size
+            while len(self.entries) > 1 and self.bytes > self.max_bytes:
+                self.bytes -= self.entries.popitem(last=False)[1][2]
 
     def drop(self, memory_id: str) -> None:
+        with self._lock:
+            self._drop(memory_id)
+
+    def _drop(self, memory_id: str) -> None:
         entry = self.entries.pop(memory_id, None)
         if entry is not None:
             self.bytes -= entry[2]
@@ -244,9 +253,9 @@ class Worker:
             for text in job.texts:
                 with warnings.catch_warnings():  # a short text's warning comes once, from the injection below
                     warnings.simplefilter("ignore")
-                    tokens = int(self.model.encode_context(text).numel())
-                update = Update(text=text, tokens=tokens, key=job.key)
-                self.model.inject(updated, text, drop=seeded_drop(self.model, update.id))
+                    ids = self.model.encode_context(text)  # tokenized once: counted, then injected
+                update = Update(text=text, tokens=int(ids.numel()), key=job.key)
+                self.model.inject(updated, ids, drop=seeded_drop(self.model, update.id))
                 written.append(update)
             try:
                 new, ids = self.store.commit(job.tenant, job.memory_id, version, updated, written)
