@@ -157,7 +157,9 @@ def test_rerun_with_the_same_seed_and_steps_is_bit_identical(tmp_path):
 
     # Without strangers (whose one-token answer is learned first) the loss of a batch does not hinge on
     # how many it asks; at lr 1e-2 every stage's loss fell by >= 0.1 for seeds 0-3 (0.3-0.6 for seed 0).
-    scale = {**SMALL, "batch": 8, "mplus_max_texts": 4, "stranger_share": 0.0}
+    # No replay steps in the memory stages: at this scale a replay step's subject loss (a fresh head in
+    # stage 3) outweighs ten memory steps; stage 1 runs the same lookup batches.
+    scale = {**SMALL, "batch": 8, "mplus_max_texts": 4, "stranger_share": 0.0, "replay_every": 0}
     recipe = tm.Recipe(stage1_steps=12, stage2_steps=10, stage3_steps=8, warmup_steps=2, stage1_lr=1e-2, lr=1e-2,
                        mplus_lr=1e-2, ema=0.5, eval_every=100, **scale)
     first = tm.run(recipe, tmp_path / "a")
@@ -185,20 +187,47 @@ def test_max_minutes_caps_a_stage_and_says_so():
     configured steps."""
     recipe, world, tok, model = small_model()
     people = world.people(50, "train", seed=0)
-    summary = tm.stage1(model, dataclasses.replace(recipe, stage1_steps=50, max_minutes=1e-9), world, tok, people,
-                        people[:4], random.Random(0))
+    summary = tm.stage1(model, dataclasses.replace(recipe, stage1_steps=50, max_minutes=1e-9), world, tok,
+                        iter(people).__next__, people[:4], random.Random(0), tm.subject_head(model, recipe))
     assert summary["capped_by_minutes"] and summary["steps"] < 50
 
 
+def test_lookup_rows_label_answers_recalls_and_subjects():
+    """A lookup row: the texts, then recalls and questions, each answer at the position after its prompt,
+    the LM targets on the texts only, and every token after a name labelled with that person's name."""
+    recipe, world, tok, _ = small_model()
+    rng = random.Random(3)
+    draw = world.people_stream("train", seed=9).__next__
+    for bios, same in ((False, True), (False, False), (True, False)):
+        ids, lm_targets, answers, subjects = tm.lookup_row(world, recipe, tok, rng, draw, 4, bios, same, 3, 2,
+                                                           stranger_share=0.0)
+        assert len(ids) == len(lm_targets) == len(answers) == len(subjects)
+        asked = [i for i, a in enumerate(answers) if a != -100]
+        assert len(asked) == 3 + (0 if bios else 2)
+        text = tok.decode(ids[: min(asked)])
+        context_end = max(i for i, t in enumerate(lm_targets) if t != -100) + 1
+        for i in asked:
+            assert ids[i + 1] == answers[i]  # the row holds its answer right after the prompt
+            assert tok.decode([answers[i]]).strip() in tok.decode(ids[:context_end])  # ... which is in the texts
+        assert all(t == -100 for t in lm_targets[context_end:])
+        labelled = [tok.decode([s[0]]).strip() for s in subjects[:context_end] if s is not None]
+        assert labelled and all(first in text for first in labelled)
+        if same and not bios:  # one-fact texts of one attribute: only the names tell them apart
+            values = {tok.decode([a]).strip() for a in answers if a != -100}
+            attrs = {a for a in world.attributes for v in values if v in world.values(a)}
+            assert len(attrs) == 1
+
+
 def test_stage1_loss_decreases():
-    """In-context QA through the one loop: 40 steps, the mean loss of the last 5 well below the first 5."""
+    """In-context lookup through the one loop: 40 steps, the mean loss of the last 5 well below the first 5."""
     recipe, world, tok, model = small_model()
     rng = random.Random(0)
-    people = world.people(50, "train", seed=0)
-    params = list(model.parameters())
+    draw = world.people_stream("train", seed=0).__next__
+    subject = tm.subject_head(model, recipe)
+    params = list(model.parameters()) + list(subject.parameters())
     optimizer, scheduler = make_optimizer(params, 3e-3, steps=40)
     result = fit(SingleProcess(), model, optimizer, scheduler, params,
-                 lambda step, micro: tm.context_batch(world, recipe, tok, people, rng, recipe.stage1_batch, 2),
-                 lambda cb: objectives.context_qa(model, cb, recipe.context_lm_weight)[0], end=40)
+                 lambda step, micro: tm.lookup_batch(world, recipe, tok, rng, draw, recipe.stage1_batch),
+                 lambda lb: objectives.lookup_qa(model, lb, recipe.context_lm_weight, subject)[0], end=40)
     assert result.step == 40 and len(result.losses) == 40
     assert sum(result.losses[-5:]) / 5 < sum(result.losses[:5]) / 5 - 0.5

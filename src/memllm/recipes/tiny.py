@@ -9,26 +9,30 @@ The models must look things up: a memory holds several people (and other text) i
 question is about any of them, or about someone never written (answer: ``unknown``), in any of many
 wordings. The recipe is a data source and a configuration: every stage runs the one training loop
 of ``memllm train`` (``memllm.train.loop.fit``, in one process without accelerate) on its
-question-answering objectives (``memllm.train.objectives.context_qa`` and ``memory_qa``). Read top
+question-answering objectives (``memllm.train.objectives.lookup_qa`` and ``memory_qa``). Read top
 to bottom:
 
 1. ``build_world``, ``build_tokenizer``: a world of invented people with short names (2-3 tokens:
    lookup by a 4-5-token name did not appear in 18 minutes, docs/tinymodel.md) and its tokenizer
    (every attribute value and ``unknown`` is one token).
-2. ``build_model``: a tiny Llama memory model (d 128, 4 layers, K 32, N 256: 8 biographies of at
+2. ``build_model``: a tiny Llama memory model (d 128, 2 layers, K 32, N 256: 8 biographies of at
    most 31 tokens fit in short-term memory; M+ adds R = 2 blocks retrieved from long-term memory).
 3. ``episode``: one memory's worth of texts (biographies of several people, hard negatives that share
    a name word or facts with the asked person, distractor sentences) and one question about a random
-   stored person or a stranger, with a name casing drawn at random; ``context_batch`` and
-   ``memory_batch`` turn episodes into the objectives' batches.
-4. Stage 1 (``stage1``): in-context lookup on a fixed world of people: the episode's texts are the
-   context, the loss is on the answer plus a weighted LM loss on the context (without it single
-   biographies were not learnable); 1 text per question until that works, then up to 2, then up to
-   ``stage1_max_texts``.
+   stored person or a stranger, with a name casing drawn at random; ``memory_batch`` turns episodes
+   into memory rows. ``lookup_row`` / ``lookup_batch``: in-context rows of 1-8 one-fact texts ("Ga Rus.
+   Works at Zorora.", half the time all of one attribute, so that only the names tell them apart) or
+   1-4 whole biographies, then several questions (and recalls) about random stored facts or strangers.
+4. Stage 1 (``stage1``): in-context lookup on fresh people: the loss on every answer, a weighted LM
+   loss on the texts (without it single biographies were not learnable) and the subject loss
+   (``objectives.SubjectHead``: from the hidden state after the first layer, the name of whom the
+   current text or question is about). Without the subject loss no configuration learned lookup by
+   name in thousands of steps (the model answered with the asked kind of fact of a random person);
+   with it, lookup among 8 one-fact texts appeared in about 1,300 steps (docs/tinymodel.md).
 5. Stage 2 (``memory_stage``): the same episodes written into per-row memories (fresh people every
    step, so facts cannot be learned into the weights), 1..max_texts injections, the asked person's
    biography at a uniformly random position, the gradient through its injection; every
-   ``replay_every``-th step is a stage-1 step. An EMA of the weights is what is evaluated and saved.
+   ``replay_every``-th step is a stage-1 step (people of a fixed world). An EMA of the weights is what is evaluated and saved.
 6. Stage 3, M+ (``train_mplus``): the MemoryLLM model plus a retriever (``mplus_from``), trained the
    same way with up to ``mplus_max_texts`` texts, every row reading its long-term memory
    (``memllm.core.mplus.RowLTM``, exactly as inference does) and the retriever loss on the asked person's
@@ -59,9 +63,9 @@ from memllm.core.ops import kept_rows
 from memllm.core.tiny import random_model
 from memllm.synthetic.tokenizer import train_world_tokenizer
 from memllm.synthetic.world import Person, World, WorldConfig
-from memllm.train.data import ContextBatch, MemoryBatch, pad
+from memllm.train.data import ContextBatch, LookupBatch, MemoryBatch, pad
 from memllm.train.loop import EMA, DataHash, SingleProcess, fit, loss_trend, make_optimizer
-from memllm.train.objectives import context_qa, memory_qa
+from memllm.train.objectives import SubjectHead, context_qa, lookup_qa, memory_qa
 from memllm.train.options import option
 
 
@@ -80,7 +84,7 @@ class Recipe:
     vocab_size: int = option(1024, "tokenizer vocabulary")
     tokenizer_docs: int = option(10_000, "world documents the tokenizer is trained on")
     hidden_size: int = option(128, "model width d")
-    num_layers: int = option(4, "decoder layers")
+    num_layers: int = option(2, "decoder layers")
     num_heads: int = option(4, "attention heads")
     intermediate_size: int = option(344, "MLP width")
     num_tokens: int = option(32, "K: memory vectors written per injection and layer")
@@ -92,12 +96,19 @@ class Recipe:
     stranger_share: float = option(0.15, "questions about someone not in the texts (answer: unknown)")
     casing_share: float = option(0.2, "questions with the name in upper or lower case")
     stage1_steps: int = option(3000, "stage 1 (in-context lookup): optimizer steps")
-    stage1_people: int = option(2000, "stage 1: the fixed world of people")
+    stage1_people: int = option(2000, "replay rows of the memory stages: the fixed world of people they draw from")
     stage1_batch: int = option(64, "stage 1 (and replay): rows per step")
     stage1_lr: float = option(2e-3, "stage 1: peak learning rate")
-    stage1_max_texts: int = option(6, "stage 1 (and replay): texts per context once the curriculum is through")
+    stage1_max_texts: int = option(8, "stage 1 (and replay): one-fact texts per context, 1..this")
+    stage1_bio_share: float = option(0.3, "stage 1 (and replay): contexts of whole biographies (1..4), else one-fact texts")
+    stage1_questions: int = option(4, "stage 1 (and replay): questions per context")
+    stage1_recalls: int = option(2, "stage 1 (and replay): recalls per context of one-fact texts (a text's words "
+                                    "up to its value, then the value)")
+    same_attribute_share: float = option(0.5, "stage 1 (and replay): contexts whose one-fact texts all state the "
+                                              "same attribute (only the name tells them apart)")
+    subject_weight: float = option(1.0, "weight of the subject loss (train.objectives.SubjectHead) in-context")
+    subject_layer: int = option(1, "the subject loss reads the hidden state after this many layers")
     context_lm_weight: float = option(0.25, "weight of the LM loss on the context in in-context steps")
-    curriculum_target: float = option(0.8, "held-out in-context accuracy that lets the texts per question grow")
     warmup_steps: int = option(100, "linear learning-rate warm-up steps of every stage")
     stage2_steps: int = option(2500, "stage 2 (memory): optimizer steps")
     batch: int = option(32, "stages 2-3: rows (memories) per step")
@@ -262,6 +273,92 @@ def context_batch(world: World, recipe: Recipe, tokenizer, people, rng: random.R
                         torch.tensor(ctx_len))
 
 
+def _name_end(ids: list[int], name: list[int]) -> int:
+    """The position of the last token of `name` in `ids` (its first occurrence), or len(ids)."""
+    return next((i + len(name) - 1 for i in range(len(ids)) if ids[i:i + len(name)] == name), len(ids))
+
+
+def lookup_row(world: World, recipe: Recipe, tokenizer, rng: random.Random, draw, k: int, bios: bool,
+               same_attribute: bool, questions: int, recalls: int, stranger_share: float | None = None,
+               phrasings: str = "train", casing: str | None = None):
+    """One in-context lookup row: k texts about k people (whole biographies, or one-fact texts such as
+    "Ga Rus. Works at Zorora.", all of the same attribute when `same_attribute`), then `recalls` recalls
+    (one-fact contexts: a text again up to its value) and `questions` questions about a random stored
+    fact, or a stranger (answer: unknown). About a third of the people share a name word with another.
+    Returns (ids, lm_targets, answers, subjects) as lists; see `LookupBatch`."""
+    stranger_share = recipe.stranger_share if stranger_share is None else stranger_share
+    people: list[Person] = []
+    while len(people) < k:
+        person = draw()
+        if people and rng.random() < 0.3:
+            person = _similar(world, rng, rng.choice(people), person)
+        if person.name not in {p.name for p in people}:
+            people.append(person)
+    attribute = rng.choice(world.attributes)
+    facts: list[tuple[Person, str, int]] = []  # (person, attribute, text index)
+    ids: list[int] = []
+    subjects: list[tuple[int, int] | None] = []
+    texts = []
+    for j, person in enumerate(people):
+        stated = world.attributes if bios else [attribute if same_attribute else rng.choice(world.attributes)]
+        text = world.biography(person, rng, attributes=None if bios else stated)
+        piece = encode(tokenizer, [text if j == 0 else " " + text], bos=j == 0)[0]
+        name = encode(tokenizer, [" " + person.name], bos=False)[0]
+        known = _name_end(piece, name)  # the tokens before it cannot know whom the text is about
+        subjects += [None] * known + [(name[0], name[-1])] * (len(piece) - known)
+        ids += piece
+        texts.append(text)
+        facts += [(person, a, j) for a in stated]
+    lm_targets = ids[1:] + [-100]
+    answers = [-100] * len(ids)
+
+    def ask(tokens: list[int], answer: int, subject: tuple[int, int] | None, known: int) -> None:
+        nonlocal ids
+        subjects.extend([None] * known + [subject] * (len(tokens) - known) + [None])
+        ids += tokens + [answer]
+        answers.extend([-100] * (len(tokens) - 1) + [answer, -100])
+        lm_targets.extend([-100] * (len(tokens) + 1))
+
+    for _ in range(0 if bios else recalls):
+        person, a, j = rng.choice(facts)
+        tokens = encode(tokenizer, [" " + texts[j]], bos=False)[0]
+        value = answer_id(tokenizer, " " + person.attrs[a])
+        cut = tokens.index(value)
+        ask(tokens[:cut], value, None, cut)
+    for _ in range(questions):
+        person, a, _j = rng.choice(facts)
+        stranger = rng.random() < stranger_share
+        if stranger:
+            names = {p.name for p in people}
+            person = draw()
+            while person.name in names:
+                person = draw()
+        case = casing or ("as_is" if rng.random() >= recipe.casing_share else rng.choice(("upper", "lower")))
+        prompt, answer = world.question(person, a, rng, phrasings=phrasings, casing=case, stranger=stranger)
+        tokens = encode(tokenizer, [" " + prompt], bos=False)[0]
+        name = {"as_is": person.name, "upper": person.name.upper(), "lower": person.name.lower()}[case]
+        subject = encode(tokenizer, [" " + person.name], bos=False)[0]
+        ask(tokens, answer_id(tokenizer, answer), (subject[0], subject[-1]),
+            _name_end(tokens, encode(tokenizer, [" " + name], bos=False)[0]))
+    return ids, lm_targets, answers, subjects
+
+
+def lookup_batch(world: World, recipe: Recipe, tokenizer, rng: random.Random, draw, batch: int, **kw) -> LookupBatch:
+    """`batch` lookup rows: a share `stage1_bio_share` of whole biographies (1..4 per context), the rest
+    one-fact texts (1..stage1_max_texts, a share `same_attribute_share` all of one attribute)."""
+    rows = []
+    for _ in range(batch):
+        bios = rng.random() < recipe.stage1_bio_share
+        k = rng.randint(1, min(4, recipe.stage1_max_texts) if bios else recipe.stage1_max_texts)
+        rows.append(lookup_row(world, recipe, tokenizer, rng, draw, k, bios, rng.random() < recipe.same_attribute_share,
+                               recipe.stage1_questions, recipe.stage1_recalls, **kw))
+    ids, lm_targets, answers, subjects = zip(*rows)
+    subject_ids = [[(-100, -100) if x is None else x for x in row] for row in subjects]
+    T = max(len(r) for r in ids)
+    return LookupBatch(pad(list(ids), tokenizer.pad_token_id), pad(list(lm_targets), -100), pad(list(answers), -100),
+                       torch.tensor([r + [(-100, -100)] * (T - len(r)) for r in subject_ids]))
+
+
 def memory_batch(world: World, recipe: Recipe, tokenizer, draw, rng: random.Random, batch: int, n_texts: int,
                  target: int, num_layers: int, N: int, K: int, **kw) -> MemoryBatch:
     """Memory lookup rows (`memory_qa`): B episodes of n_texts texts with the asked biography at
@@ -321,6 +418,31 @@ def memory_accuracy(model: MemoryModel, world: World, recipe: Recipe, tokenizer,
 
 
 @torch.no_grad()
+def lookup_accuracy(model: MemoryModel, world: World, recipe: Recipe, tokenizer, people, seed: int, k: int,
+                    bios: bool = False, same_attribute: bool = True, stranger: bool = False,
+                    phrasings: str = "train") -> float:
+    """Held-out in-context lookup: one question per row after k texts about people from `people`
+    (stranger: about someone else, where the right answer is `unknown`)."""
+    rng = random.Random(f"lookup:{seed}:{k}:{bios}:{same_attribute}:{stranger}:{phrasings}")
+    rows = [lookup_row(world, recipe, tokenizer, rng, lambda: rng.choice(people), k, bios, same_attribute, 1, 0,
+                       stranger_share=float(stranger), phrasings=phrasings, casing="as_is") for _ in people]
+    ids, lm_targets, answers, _ = zip(*rows)
+    lb = LookupBatch(pad(list(ids), tokenizer.pad_token_id), pad(list(lm_targets), -100), pad(list(answers), -100),
+                     torch.zeros(0))
+    return lookup_qa(model, lb, 0.0)[1].float().mean().item()
+
+
+def lookup_probes(model: MemoryModel, world: World, recipe: Recipe, tokenizer, people, seed: int) -> dict[str, float]:
+    """The held-out in-context checks of stage 1: one-fact texts of one attribute (1 and 8 people: only the
+    name tells the 8 apart), whole biographies (1, 2 and 4 people), strangers, held-out phrasings."""
+    probes = {"facts_k1": dict(k=1), "facts_k8": dict(k=8), "bios_k1": dict(k=1, bios=True),
+              "bios_k2": dict(k=2, bios=True), "bios_k4": dict(k=4, bios=True),
+              "stranger_k4": dict(k=4, stranger=True), "heldout_phrasing_bios_k2": dict(k=2, bios=True, phrasings="heldout")}
+    return {name: round(lookup_accuracy(model, world, recipe, tokenizer, people, seed, **kw), 3)
+            for name, kw in probes.items()}
+
+
+@torch.no_grad()
 def in_context_accuracy(model: MemoryModel, world: World, recipe: Recipe, tokenizer, people, seed: int,
                         n: int) -> float:
     """Held-out in-context lookup accuracy with exactly n biographies in the context."""
@@ -331,60 +453,55 @@ def in_context_accuracy(model: MemoryModel, world: World, recipe: Recipe, tokeni
 
 # ---- training: the stages as configurations of the one loop ---------------------------------------
 
-STAGE1_EVAL_EVERY = 100  # steps between the held-out in-context checks that drive the curriculum
-
-
 def log(record: dict) -> None:
     print(json.dumps(record), flush=True)
 
 
 def optimize(model: MemoryModel, recipe: Recipe, lr: float, steps: int, next_batch, loss, on_step,
-             ema: EMA | None = None):
-    """One stage: `fit` in this process (`SingleProcess`, no accelerate) over all the model's weights:
-    AdamW, linear warm-up over `warmup_steps` then cosine decay to 10%, gradients clipped to norm 1,
-    `max_minutes` as a cap."""
-    params = list(model.parameters())
+             ema: EMA | None = None, extra: list[torch.nn.Parameter] | None = None):
+    """One stage: `fit` in this process (`SingleProcess`, no accelerate) over all the model's weights
+    (and `extra`, e.g. the subject head's): AdamW, linear warm-up over `warmup_steps` then cosine decay
+    to 10%, gradients clipped to norm 1, `max_minutes` as a cap."""
+    params = list(model.parameters()) + list(extra or [])
     optimizer, scheduler = make_optimizer(params, lr, steps, recipe.warmup_steps)
     return fit(SingleProcess(), model, optimizer, scheduler, params, next_batch, loss, end=steps,
                max_minutes=recipe.max_minutes, data=DataHash(), ema=ema, on_step=on_step)
 
 
-def stage1(model: MemoryModel, recipe: Recipe, world: World, tokenizer, people, eval_people, rng) -> dict:
-    """In-context lookup on a fixed world: 1 text per question until held-out accuracy reaches
-    curriculum_target, then up to 2 texts until that holds with 2 biographies, then up to
-    stage1_max_texts. With one text per question there are no strangers and no name casings yet: a
-    stranger who shares a name word with the one person in context already needs lookup by name, and
-    with it from the start single-biography QA did not take off in 1,100 steps (docs/tinymodel.md)."""
-    max_texts, grown, t1 = 1, {}, time.time()
+STAGE1_EVAL_EVERY = 100  # steps between stage 1's held-out checks
 
-    def next_batch(step: int, micro: int) -> ContextBatch:
-        easy = {"stranger": False, "casing": "as_is"} if max_texts == 1 else {}
-        return context_batch(world, recipe, tokenizer, people, rng, recipe.stage1_batch, max_texts, **easy)
+
+def subject_head(model: MemoryModel, recipe: Recipe) -> SubjectHead:
+    """A fresh, seeded subject head for the in-context steps of a stage (dropped after training)."""
+    with torch.random.fork_rng():
+        torch.manual_seed(recipe.seed + 17)
+        return SubjectHead(model.lm.config.hidden_size, model.lm.config.vocab_size, recipe.subject_layer)
+
+
+def stage1(model: MemoryModel, recipe: Recipe, world: World, tokenizer, draw, eval_people, rng,
+           subject: SubjectHead) -> dict:
+    """In-context lookup on fresh people (`lookup_batch`): the answer loss on every question and recall,
+    the LM loss on the texts and the subject loss; held-out checks every STAGE1_EVAL_EVERY steps."""
+    t1 = time.time()
 
     def on_step(step: int, loss: float) -> None:
-        nonlocal max_texts
-        if step % STAGE1_EVAL_EVERY:
+        if step % STAGE1_EVAL_EVERY and step != recipe.stage1_steps:
             return
         model.eval()
-        rec = {"stage": 1, "step": step, "loss": round(loss, 3), "max_texts": max_texts,
-               "min": round((time.time() - t1) / 60, 1)}
-        for n in (1, 2, 4):
-            rec[f"in_context_k{n}"] = round(in_context_accuracy(model, world, recipe, tokenizer, eval_people,
-                                                                seed=step - 1, n=n), 3)
+        rec = {"stage": 1, "step": step, "loss": round(loss, 3), "min": round((time.time() - t1) / 60, 1),
+               **lookup_probes(model, world, recipe, tokenizer, eval_people, seed=step)}
         model.train()
         log(rec)
-        if max_texts == 1 and rec["in_context_k1"] >= recipe.curriculum_target:
-            max_texts, grown["2"] = 2, step
-        elif max_texts == 2 and rec["in_context_k2"] >= recipe.curriculum_target:
-            max_texts, grown[str(recipe.stage1_max_texts)] = recipe.stage1_max_texts, step
 
-    result = optimize(model, recipe, recipe.stage1_lr, recipe.stage1_steps, next_batch,
-                      lambda cb: context_qa(model, cb, recipe.context_lm_weight)[0], on_step)
-    return {**result.summary(), "loss": loss_trend(result.losses), "max_texts_from_step": grown}
+    result = optimize(model, recipe, recipe.stage1_lr, recipe.stage1_steps,
+                      lambda step, micro: lookup_batch(world, recipe, tokenizer, rng, draw, recipe.stage1_batch),
+                      lambda lb: lookup_qa(model, lb, recipe.context_lm_weight, subject, recipe.subject_weight)[0],
+                      on_step, extra=list(subject.parameters()))
+    return {**result.summary(), "loss": loss_trend(result.losses)}
 
 
 def memory_stage(model: MemoryModel, recipe: Recipe, world: World, tokenizer, people, eval_people, rng,
-                 draw, lr: float, steps: int) -> tuple[MemoryModel, dict, list[dict]]:
+                 draw, lr: float, steps: int, subject: SubjectHead) -> tuple[MemoryModel, dict, list[dict]]:
     """Memory training on fresh people (stage 2, or stage 3 for M+): 1..max_texts texts per memory
     (M+: mplus_max_texts), the asked person's biography at a uniformly random injection, with an
     in-context step every `replay_every`-th step; returns the EMA weights, a summary and the eval
@@ -396,16 +513,16 @@ def memory_stage(model: MemoryModel, recipe: Recipe, world: World, tokenizer, pe
     window: list[tuple[float, float, torch.Tensor | None]] = []  # (loss, accuracy, retriever stats) since the last eval
     answer_losses: list[float] = []  # of the memory steps
 
-    def next_batch(step: int, micro: int) -> ContextBatch | MemoryBatch:
+    def next_batch(step: int, micro: int) -> LookupBatch | MemoryBatch:
         if recipe.replay_every and step % recipe.replay_every == recipe.replay_every - 1:
-            return context_batch(world, recipe, tokenizer, people, rng, recipe.stage1_batch, recipe.stage1_max_texts)
+            return lookup_batch(world, recipe, tokenizer, rng, lambda: rng.choice(people), recipe.stage1_batch)
         n = rng.randint(1, recipe.mplus_max_texts if mplus else recipe.max_texts)
         return memory_batch(world, recipe, tokenizer, draw, rng, recipe.batch, n, rng.randrange(n), model.num_layers,
                             model.config.num_memory_tokens, model.config.num_tokens)
 
-    def loss(batch: ContextBatch | MemoryBatch) -> torch.Tensor:
-        if isinstance(batch, ContextBatch):
-            return context_qa(model, batch, recipe.context_lm_weight)[0]
+    def loss(batch: LookupBatch | MemoryBatch) -> torch.Tensor:
+        if isinstance(batch, LookupBatch):
+            return lookup_qa(model, batch, recipe.context_lm_weight, subject, recipe.subject_weight)[0]
         qa = memory_qa(model, batch, retriever_weight=recipe.retriever_weight if mplus else 0.0)
         window.append((qa.loss.item(), qa.correct.float().mean().item(), qa.retriever))
         answer_losses.append(qa.answer_loss)
@@ -430,7 +547,7 @@ def memory_stage(model: MemoryModel, recipe: Recipe, world: World, tokenizer, pe
         history.append(rec)
         log(rec)
 
-    result = optimize(model, recipe, lr, steps, next_batch, loss, on_step, ema=ema)
+    result = optimize(model, recipe, lr, steps, next_batch, loss, on_step, ema=ema, extra=list(subject.parameters()))
     return ema.model, {**result.summary(), "loss": loss_trend(answer_losses)}, history
 
 
@@ -460,11 +577,13 @@ def train_memoryllm(recipe: Recipe, out: str | Path) -> dict:
     rng = random.Random(f"tinymodel:{recipe.seed}:{'continued' if recipe.init else 'scratch'}")
     fixed_people = world.people(recipe.stage1_people, "train", seed=recipe.seed)
     eval_people = world.heldout_people(recipe.eval_people, seed=recipe.seed + 1)
-    s1 = {"from": recipe.init} if recipe.init else stage1(model, recipe, world, tokenizer, fixed_people,
-                                                          eval_people, rng)
+    subject = subject_head(model, recipe)
+    fresh = world.people_stream("train", seed=recipe.seed + 500).__next__
+    s1 = {"from": recipe.init} if recipe.init else stage1(model, recipe, world, tokenizer, fresh, eval_people, rng,
+                                                          subject)
     draw = world.people_stream("train", seed=recipe.seed + (3000 if recipe.init else 1000)).__next__
     ema, s2, history = memory_stage(model, recipe, world, tokenizer, fixed_people, eval_people, rng, draw,
-                                    recipe.lr, recipe.stage2_steps)
+                                    recipe.lr, recipe.stage2_steps, subject)
     command = f"memllm recipe tiny --kind memoryllm --seed {recipe.seed}"
     if recipe.init:
         command += f" --init {recipe.init} --stage2-steps {recipe.stage2_steps}"
@@ -497,7 +616,7 @@ def train_mplus(recipe: Recipe, memoryllm_dir: str | Path, out: str | Path) -> d
     eval_people = world.heldout_people(recipe.eval_people, seed=recipe.seed + 1)
     draw = world.people_stream("train", seed=recipe.seed + 2000).__next__
     ema, s3, history = memory_stage(model, recipe, world, tokenizer, fixed_people, eval_people, rng, draw,
-                                    recipe.mplus_lr, recipe.stage3_steps)
+                                    recipe.mplus_lr, recipe.stage3_steps, subject_head(model, recipe))
     record = {"recipe": asdict(recipe), "world": asdict(world.config), "from": str(memoryllm_dir), "stage3": s3,
               "history": history,
               "command": f"memllm recipe tiny --kind mplus --init MEMORYLLM_DIR --seed {recipe.seed}"}

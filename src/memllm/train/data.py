@@ -164,6 +164,20 @@ class ContextBatch:
 
 
 @dataclass
+class LookupBatch:
+    """In-context lookup rows: <bos> texts, then several questions (and recalls: a text's words up to a
+    value), each followed by its answer; right-padded. Every target is -100 where there is none."""
+
+    ids: torch.Tensor  # [B, T]
+    lm_targets: torch.Tensor  # [B, T] the next token, on the texts only (the LM loss)
+    answers: torch.Tensor  # [B, T] the answer token at the positions that predict one
+    subjects: torch.Tensor  # [B, T, 2] first and last token of the name of whom the text or question is about
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.ids, self.lm_targets, self.answers, self.subjects]
+
+
+@dataclass
 class MemoryBatch:
     """Memory QA rows: texts written into per-row memories one injection at a time, then a question."""
 
