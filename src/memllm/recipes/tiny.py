@@ -461,9 +461,11 @@ def optimize(model: MemoryModel, recipe: Recipe, lr: float, steps: int, next_bat
              ema: EMA | None = None, extra: list[torch.nn.Parameter] | None = None):
     """One stage: `fit` in this process (`SingleProcess`, no accelerate) over all the model's weights
     (and `extra`, e.g. the subject head's): AdamW, linear warm-up over `warmup_steps` then cosine decay
-    to 10%, gradients clipped to norm 1, `max_minutes` as a cap."""
-    params = list(model.parameters()) + list(extra or [])
-    optimizer, scheduler = make_optimizer(params, lr, steps, recipe.warmup_steps)
+    to 10%, the model's gradients clipped to norm 1, `max_minutes` as a cap. The extra weights are not
+    clipped with the model's: the fresh subject head's large early gradient would shrink the model's
+    (stage 1 then learned far slower: docs/tinymodel.md)."""
+    params = list(model.parameters())
+    optimizer, scheduler = make_optimizer(params + list(extra or []), lr, steps, recipe.warmup_steps)
     return fit(SingleProcess(), model, optimizer, scheduler, params, next_batch, loss, end=steps,
                max_minutes=recipe.max_minutes, data=DataHash(), ema=ema, on_step=on_step)
 
