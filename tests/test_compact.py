@@ -93,7 +93,8 @@ def test_memory_to_bfloat16_holds_the_long_term_memory_in_bfloat16() -> None:
 
 
 def within_a_step(approx: torch.Tensor, exact: torch.Tensor) -> bool:
-    return bool(((approx.float() - exact.float()).abs() <= exact.float().abs().amax(-1, keepdim=True) / 254 * 1.00001).all())
+    step = exact.float().abs().amax(-1, keepdim=True) / 254 * 1.00001
+    return bool(((approx.float() - exact.float()).abs() <= step).all())
 
 
 def test_memory_to_int8_holds_the_long_term_rows_in_a_quarter_and_reads_them_back() -> None:

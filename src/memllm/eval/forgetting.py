@@ -151,7 +151,8 @@ def forgetting(model, world, n_people: int = 50, k: int | None = None, seed: int
         short = "bf16" if storage == "bfloat16" else storage
         out[f"{short}_size_ratio"] = sizes[storage] / sizes["float32"]
         out[f"{short}_accuracy_delta"] = difference(cells[f"asked_{storage}"], held)
-    out["int8_held_accuracy_delta"] = difference(cells["asked_int8_held"], held) if cells["asked_int8_held"].total else None
+    held_int8 = cells["asked_int8_held"]
+    out["int8_held_accuracy_delta"] = difference(held_int8, held) if held_int8.total else None
     return out
 
 

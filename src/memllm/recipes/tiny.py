@@ -32,7 +32,8 @@ to bottom:
 5. Stage 2 (``memory_stage``): the same episodes written into per-row memories (fresh people every
    step, so facts cannot be learned into the weights), 1..max_texts injections, the asked person's
    biography at a uniformly random position, the gradient through its injection; every
-   ``replay_every``-th step is a stage-1 step (people of a fixed world). An EMA of the weights is what is evaluated and saved.
+   ``replay_every``-th step is a stage-1 step (people of a fixed world). An EMA of the weights is what
+   is evaluated and saved.
 6. Stage 3, M+ (``train_mplus``): the MemoryLLM model plus a retriever (``mplus_from``), trained the
    same way with up to ``mplus_max_texts`` texts, every row reading its long-term memory
    (``memllm.core.mplus.RowLTM``, exactly as inference does) and the retriever loss on the asked person's
@@ -100,7 +101,8 @@ class Recipe:
     stage1_batch: int = option(64, "stage 1 (and replay): rows per step")
     stage1_lr: float = option(2e-3, "stage 1: peak learning rate")
     stage1_max_texts: int = option(8, "stage 1 (and replay): one-fact texts per context, 1..this")
-    stage1_bio_share: float = option(0.3, "stage 1 (and replay): contexts of whole biographies (1..4), else one-fact texts")
+    stage1_bio_share: float = option(0.3, "stage 1 (and replay): contexts of whole biographies (1..4), else "
+                                          "one-fact texts")
     stage1_questions: int = option(4, "stage 1 (and replay): questions per context")
     stage1_recalls: int = option(2, "stage 1 (and replay): recalls per context of one-fact texts (a text's words "
                                     "up to its value, then the value)")
@@ -284,8 +286,9 @@ def lookup_row(world: World, recipe: Recipe, tokenizer, rng: random.Random, draw
     """One in-context lookup row: k texts about k people (whole biographies, or one-fact texts such as
     "Ga Rus. Works at Zorora.", all of the same attribute when `same_attribute`), then `recalls` recalls
     (one-fact contexts: a text again up to its value) and `questions` questions about a random stored
-    fact, or a stranger (answer: unknown). About a third of the people share a name word with another.
-    Returns (ids, lm_targets, answers, subjects) as lists; see `LookupBatch`."""
+    fact, or a stranger (answer: unknown). 30% of the people are hard negatives of another one
+    (`_similar`: a shared name word, shared facts or both). Returns (ids, lm_targets, answers,
+    subjects) as lists; see `LookupBatch`."""
     stranger_share = recipe.stranger_share if stranger_share is None else stranger_share
     people: list[Person] = []
     while len(people) < k:
@@ -313,9 +316,8 @@ def lookup_row(world: World, recipe: Recipe, tokenizer, rng: random.Random, draw
     answers = [-100] * len(ids)
 
     def ask(tokens: list[int], answer: int, subject: tuple[int, int] | None, known: int) -> None:
-        nonlocal ids
         subjects.extend([None] * known + [subject] * (len(tokens) - known) + [None])
-        ids += tokens + [answer]
+        ids.extend(tokens + [answer])
         answers.extend([-100] * (len(tokens) - 1) + [answer, -100])
         lm_targets.extend([-100] * (len(tokens) + 1))
 
@@ -350,13 +352,20 @@ def lookup_batch(world: World, recipe: Recipe, tokenizer, rng: random.Random, dr
     for _ in range(batch):
         bios = rng.random() < recipe.stage1_bio_share
         k = rng.randint(1, min(4, recipe.stage1_max_texts) if bios else recipe.stage1_max_texts)
-        rows.append(lookup_row(world, recipe, tokenizer, rng, draw, k, bios, rng.random() < recipe.same_attribute_share,
-                               recipe.stage1_questions, recipe.stage1_recalls, **kw))
+        same = rng.random() < recipe.same_attribute_share
+        rows.append(lookup_row(world, recipe, tokenizer, rng, draw, k, bios, same, recipe.stage1_questions,
+                               recipe.stage1_recalls, **kw))
+    return _lookup_tensors(rows, tokenizer)
+
+
+def _lookup_tensors(rows: list[tuple], tokenizer) -> LookupBatch:
+    """`lookup_row` results, right-padded into one batch."""
     ids, lm_targets, answers, subjects = zip(*rows)
-    subject_ids = [[(-100, -100) if x is None else x for x in row] for row in subjects]
     T = max(len(r) for r in ids)
+    none = (-100, -100)
+    subject_ids = [[none if x is None else x for x in row] + [none] * (T - len(row)) for row in subjects]
     return LookupBatch(pad(list(ids), tokenizer.pad_token_id), pad(list(lm_targets), -100), pad(list(answers), -100),
-                       torch.tensor([r + [(-100, -100)] * (T - len(r)) for r in subject_ids]))
+                       torch.tensor(subject_ids))
 
 
 def memory_batch(world: World, recipe: Recipe, tokenizer, draw, rng: random.Random, batch: int, n_texts: int,
@@ -426,18 +435,15 @@ def lookup_accuracy(model: MemoryModel, world: World, recipe: Recipe, tokenizer,
     rng = random.Random(f"lookup:{seed}:{k}:{bios}:{same_attribute}:{stranger}:{phrasings}")
     rows = [lookup_row(world, recipe, tokenizer, rng, lambda: rng.choice(people), k, bios, same_attribute, 1, 0,
                        stranger_share=float(stranger), phrasings=phrasings, casing="as_is") for _ in people]
-    ids, lm_targets, answers, _ = zip(*rows)
-    lb = LookupBatch(pad(list(ids), tokenizer.pad_token_id), pad(list(lm_targets), -100), pad(list(answers), -100),
-                     torch.zeros(0))
-    return lookup_qa(model, lb, 0.0)[1].float().mean().item()
+    return lookup_qa(model, _lookup_tensors(rows, tokenizer), 0.0)[1].float().mean().item()
 
 
 def lookup_probes(model: MemoryModel, world: World, recipe: Recipe, tokenizer, people, seed: int) -> dict[str, float]:
     """The held-out in-context checks of stage 1: one-fact texts of one attribute (1 and 8 people: only the
     name tells the 8 apart), whole biographies (1, 2 and 4 people), strangers, held-out phrasings."""
     probes = {"facts_k1": dict(k=1), "facts_k8": dict(k=8), "bios_k1": dict(k=1, bios=True),
-              "bios_k2": dict(k=2, bios=True), "bios_k4": dict(k=4, bios=True),
-              "stranger_k4": dict(k=4, stranger=True), "heldout_phrasing_bios_k2": dict(k=2, bios=True, phrasings="heldout")}
+              "bios_k2": dict(k=2, bios=True), "bios_k4": dict(k=4, bios=True), "stranger_k4": dict(k=4, stranger=True),
+              "heldout_phrasing_bios_k2": dict(k=2, bios=True, phrasings="heldout")}
     return {name: round(lookup_accuracy(model, world, recipe, tokenizer, people, seed, **kw), 3)
             for name, kw in probes.items()}
 
