@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import random
 from functools import cache
@@ -156,11 +157,12 @@ def test_rerun_with_the_same_seed_and_steps_is_bit_identical(tmp_path):
     from memllm.core.checkpoint import load
 
     # Without strangers (whose one-token answer is learned first) the loss of a batch does not hinge on
-    # how many it asks; at lr 1e-2 every stage's loss fell by >= 0.1 for seeds 0-3 (0.3-0.6 for seed 0).
+    # how many it asks; at lr 1e-2 every stage's loss fell for seeds 0-3 (stage 1 by >= 1.9, stage 2 over
+    # 30 steps by >= 0.2; over 10 steps after a two-phase stage 1 it did not for two of the four).
     # No replay steps in the memory stages: at this scale a replay step's subject loss (a fresh head in
     # stage 3) outweighs ten memory steps; stage 1 runs the same lookup batches.
     scale = {**SMALL, "batch": 8, "mplus_max_texts": 4, "stranger_share": 0.0, "replay_every": 0}
-    recipe = tm.Recipe(stage1_steps=12, stage2_steps=10, stage3_steps=8, warmup_steps=2, stage1_lr=1e-2, lr=1e-2,
+    recipe = tm.Recipe(stage1_steps=6, stage1_bio_steps=6, stage1_gate=0.0, stage2_steps=30, stage3_steps=8, warmup_steps=2, stage1_lr=1e-2, lr=1e-2,
                        mplus_lr=1e-2, ema=0.5, eval_every=100, **scale)
     first = tm.run(recipe, tmp_path / "a")
     second = tm.run(recipe, tmp_path / "b")
@@ -173,7 +175,8 @@ def test_rerun_with_the_same_seed_and_steps_is_bit_identical(tmp_path):
             summary = record[stage]
             assert summary == first[kind][stage]
             assert summary["data_sha256"] == second[kind][stage]["data_sha256"]
-            assert summary["steps"] == getattr(recipe, f"{stage}_steps") >= 1 and not summary["capped_by_minutes"]
+            steps = recipe.stage1_steps + recipe.stage1_bio_steps if stage == "stage1" else getattr(recipe, f"{stage}_steps")
+            assert summary["steps"] == steps >= 1 and not summary["capped_by_minutes"]
             assert summary["loss"]["last"] < summary["loss"]["first"], (stage, summary["loss"])
         model = load(tmp_path / "a" / kind)
         assert model.tokenizer is not None and model.config.kind == kind
@@ -190,6 +193,43 @@ def test_max_minutes_caps_a_stage_and_says_so():
     summary = tm.stage1(model, dataclasses.replace(recipe, stage1_steps=50, max_minutes=1e-9), world, tok,
                         iter(people).__next__, people[:4], random.Random(0), tm.subject_head(model, recipe))
     assert summary["capped_by_minutes"] and summary["steps"] < 50
+
+
+def test_stage1_gate_ends_the_one_fact_phase_and_biographies_join_after(monkeypatch, tmp_path):
+    """Stage 1a (one-fact texts only, no casings) stops at the first check that passes the gate; 1b then
+    runs its steps with biographies."""
+    recipe, world, tok, model = small_model()
+    recipe = dataclasses.replace(recipe, stage1_steps=20, stage1_bio_steps=3, stage1_eval_every=2,
+                                 stage1_bio_share=1.0, casing_share=1.0, stage1_gate=0.5)
+    seen = []  # (bio share, casing share) of every batch drawn
+    real = tm.lookup_batch
+    monkeypatch.setattr(tm, "lookup_batch", lambda world, r, *a, **kw: seen.append(
+        (r.stage1_bio_share, r.casing_share)) or real(world, r, *a, **kw))
+    probes = itertools.chain([{"facts_k8": 0.1}, {"facts_k8": 0.6}], itertools.repeat({"facts_k8": 0.0}))
+    monkeypatch.setattr(tm, "lookup_probes", lambda *a, **kw: next(probes))
+    people = world.people(50, "train", seed=0)
+    summary = tm.stage1(model, recipe, world, tok, iter(people * 10).__next__, people[:4], random.Random(0),
+                        tm.subject_head(model, recipe))
+    assert summary["steps_1a"] == 4 and summary["stopped_by_gate"]  # checks at 2 (0.1) and 4 (0.6 >= 0.5)
+    assert summary["steps_1b"] == 3 and summary["steps"] == 7
+    assert seen == [(0.0, 0.0)] * 4 + [(1.0, 1.0)] * 3
+    without = tm.stage1(model, dataclasses.replace(recipe, stage1_steps=4, stage1_bio_steps=0, stage1_gate=0.0),
+                        world, tok, iter(people * 10).__next__, people[:4], random.Random(0),
+                        tm.subject_head(model, recipe))
+    assert without["steps"] == 4 and not without["stopped_by_gate"]
+
+
+def test_stage1_out_saves_the_model_that_stage2_starts_from(tmp_path):
+    """--stage1-out keeps the model after stage 1 (with its recipe.json); --init DIR runs stage 2 from it."""
+    recipe = tm.Recipe(kind="memoryllm", stage1_steps=2, stage1_bio_steps=1, stage1_gate=0.0, stage2_steps=0,
+                       warmup_steps=1, stage1_out=str(tmp_path / "s1"), **SMALL)
+    tm.run(recipe, tmp_path / "m")
+    s1, m = _weights(tmp_path / "s1"), _weights(tmp_path / "m")  # no stage 2 steps: the EMA is the stage-1 model
+    assert s1.keys() == m.keys() and all(torch.equal(s1[k], m[k]) for k in s1)
+    assert json.loads((tmp_path / "s1" / "recipe.json").read_text())["stage1"]["steps"] == 3
+    tm.run(dataclasses.replace(recipe, init=str(tmp_path / "s1"), stage1_out="", stage2_steps=2), tmp_path / "m2")
+    record = json.loads((tmp_path / "m2" / "recipe.json").read_text())
+    assert record["stage2"]["steps"] == 2 and record["stage1"]["earlier_run"]["stage1"]["steps"] == 3
 
 
 def test_lookup_rows_label_answers_recalls_and_subjects():

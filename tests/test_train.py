@@ -277,6 +277,7 @@ def test_train_learning_rate_follows_the_steps():
     assert [lr_factor(s, 10, 2) for s in (0, 1)] == [0.5, 1.0]
     assert lr_factor(2, 10, 2) == 1.0 and lr_factor(10, 10, 2) == pytest.approx(0.1)
     assert lr_factor(6, 10, 2) == pytest.approx(0.55)
+    assert [lr_factor(s, 10, 2, "constant") for s in (0, 2, 6, 10, 50)] == [0.5, 1.0, 1.0, 1.0, 1.0]
 
 
 def test_fit_accumulates_gradients_and_stops_at_the_minutes_cap():
@@ -292,7 +293,7 @@ def test_fit_accumulates_gradients_and_stops_at_the_minutes_cap():
         def tensors(self):
             return [x[self.rows]]
 
-    def run(grad_accum: int, max_minutes: float = 0.0, slow: bool = False):
+    def run(grad_accum: int, max_minutes: float = 0.0, slow: bool = False, stop=None):
         torch.manual_seed(0)
         model = torch.nn.Linear(3, 1)
         params = list(model.parameters())
@@ -311,7 +312,7 @@ def test_fit_accumulates_gradients_and_stops_at_the_minutes_cap():
             return torch.nn.functional.mse_loss(model(x[batch.rows]), y[batch.rows])
 
         result = fit(SingleProcess(grad_accum), model, optimizer, scheduler, params, next_batch, loss, end=4,
-                     grad_accum=grad_accum, max_minutes=max_minutes, ema=ema)
+                     grad_accum=grad_accum, max_minutes=max_minutes, ema=ema, stop=stop)
         return result, model, ema
 
     one, m1, _ = run(1)
@@ -322,3 +323,5 @@ def test_fit_accumulates_gradients_and_stops_at_the_minutes_cap():
     assert not torch.equal(ema.model.weight, m2.weight)
     capped, _, _ = run(1, max_minutes=0.12 / 60, slow=True)  # 120 ms, 50 ms a step: stops after step 2 or 3
     assert capped.capped_by_minutes and 1 <= capped.step < 4
+    gated, _, _ = run(1, stop=lambda step: step == 2)  # a gate ends the run after the step it passes at
+    assert gated.step == 2 and gated.stopped and gated.summary()["stopped_by_gate"] and not one.stopped

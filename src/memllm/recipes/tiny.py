@@ -3,7 +3,7 @@
     memllm recipe tiny --out DIR                      # both: DIR/memoryllm, then DIR/mplus
     memllm recipe tiny --out DIR --kind memoryllm     # stages 1-2 only
     memllm recipe tiny --out DIR --kind mplus --init MEMORYLLM_DIR   # stage 3 only
-    memllm recipe tiny --out DIR --kind memoryllm --init MEMORYLLM_DIR --stage2-steps S  # more stage 2
+    memllm recipe tiny --out DIR --kind memoryllm --init MEMORYLLM_DIR --stage2-steps S  # (more) stage 2
 
 The models must look things up: a memory holds several people (and other text) in any order, the
 question is about any of them, or about someone never written (answer: ``unknown``), in any of many
@@ -28,7 +28,9 @@ to bottom:
    (``objectives.SubjectHead``: from the hidden state after the first layer, the name of whom the
    current text or question is about). Without the subject loss no configuration learned lookup by
    name in thousands of steps (the model answered with the asked kind of fact of a random person);
-   with it, lookup among 8 one-fact texts appeared in about 1,300 steps (docs/tinymodel.md).
+   with it, lookup among 8 one-fact texts appeared in about 1,300 steps (docs/tinymodel.md). 1a: one-fact
+   texts only, at a constant learning rate, until a held-out gate (8 people of one attribute ≥ 0.8);
+   1b: whole biographies and name casings join. ``--stage1-out`` keeps this model.
 5. Stage 2 (``memory_stage``): the same episodes written into per-row memories (fresh people every
    step, so facts cannot be learned into the weights), 1..max_texts injections, the asked person's
    biography at a uniformly random position, the gradient through its injection; every
@@ -77,7 +79,7 @@ class Recipe:
     kind: str = option("both", "memoryllm: stages 1-2; mplus: stage 3 from `init`; both: memoryllm then mplus",
                        choices=("memoryllm", "mplus", "both"))
     init: str = option("", "kind mplus: the trained MemoryLLM tiny model to start from; kind memoryllm: "
-                           "continue its stage 2")
+                           "run (more) stage 2 from this model (a stage-1 model from --stage1-out, or a trained one)")
     seed: int = option(0, "everything random: world, tokenizer, data streams, initialisation, memory drops")
     max_minutes: float = option(0.0, "a cap per stage (0: none); the step counts below are the schedule")
     first_name_syllables: int = option(1, "the world's names: first names of this many syllables ...")
@@ -95,14 +97,21 @@ class Recipe:
                                    "(else distractors)")
     hard_negative_share: float = option(0.5, "share of those that share a name word or 1-3 facts with the asked person")
     stranger_share: float = option(0.15, "questions about someone not in the texts (answer: unknown)")
-    casing_share: float = option(0.2, "questions with the name in upper or lower case")
-    stage1_steps: int = option(3000, "stage 1 (in-context lookup): optimizer steps")
+    casing_share: float = option(0.2, "questions with the name in upper or lower case (stage 1a: none)")
+    stage1_steps: int = option(6000, "stage 1a (in-context lookup among one-fact texts, constant learning rate): "
+                                     "at most this many steps; the gate usually ends it earlier")
+    stage1_gate: float = option(0.8, "stage 1a ends at the first held-out check where lookup among 8 one-fact texts "
+                                     "of one attribute reaches this (0: no gate)")
+    stage1_eval_every: int = option(100, "stage 1: steps between held-out checks")
+    stage1_bio_steps: int = option(1500, "stage 1b: steps with whole biographies and name casings joining "
+                                         "(cosine decay from stage1_lr)")
+    stage1_out: str = option("", "also save the model after stage 1 here (stage 2 from it: --init DIR)")
     stage1_people: int = option(2000, "replay rows of the memory stages: the fixed world of people they draw from")
     stage1_batch: int = option(64, "stage 1 (and replay): rows per step")
     stage1_lr: float = option(2e-3, "stage 1: peak learning rate")
     stage1_max_texts: int = option(8, "stage 1 (and replay): one-fact texts per context, 1..this")
-    stage1_bio_share: float = option(0.3, "stage 1 (and replay): contexts of whole biographies (1..4), else "
-                                          "one-fact texts")
+    stage1_bio_share: float = option(0.3, "stage 1b (and replay): contexts of whole biographies (1..4), else "
+                                          "one-fact texts (stage 1a: none)")
     stage1_questions: int = option(4, "stage 1 (and replay): questions per context")
     stage1_recalls: int = option(2, "stage 1 (and replay): recalls per context of one-fact texts (a text's words "
                                     "up to its value, then the value)")
@@ -464,19 +473,19 @@ def log(record: dict) -> None:
 
 
 def optimize(model: MemoryModel, recipe: Recipe, lr: float, steps: int, next_batch, loss, on_step,
-             ema: EMA | None = None, extra: list[torch.nn.Parameter] | None = None):
+             ema: EMA | None = None, extra: list[torch.nn.Parameter] | None = None, schedule: str = "cosine",
+             stop=None, data: DataHash | None = None):
     """One stage: `fit` in this process (`SingleProcess`, no accelerate) over all the model's weights
     (and `extra`, e.g. the subject head's): AdamW, linear warm-up over `warmup_steps` then cosine decay
-    to 10%, the model's gradients clipped to norm 1, `max_minutes` as a cap. The extra weights are not
-    clipped with the model's: the fresh subject head's large early gradient would shrink the model's
-    (stage 1 then learned far slower: docs/tinymodel.md)."""
+    to 10% (or constant), the model's gradients clipped to norm 1, `max_minutes` as a cap, `stop` as a
+    gate. The extra weights are not clipped with the model's: the fresh subject head's large early
+    gradient would shrink the model's (stage 1 then learned far slower: docs/tinymodel.md)."""
     params = list(model.parameters())
-    optimizer, scheduler = make_optimizer(params + list(extra or []), lr, steps, recipe.warmup_steps)
+    optimizer, scheduler = make_optimizer(params + list(extra or []), lr, steps, recipe.warmup_steps,
+                                          schedule=schedule)
     return fit(SingleProcess(), model, optimizer, scheduler, params, next_batch, loss, end=steps,
-               max_minutes=recipe.max_minutes, data=DataHash(), ema=ema, on_step=on_step)
-
-
-STAGE1_EVAL_EVERY = 100  # steps between stage 1's held-out checks
+               max_minutes=recipe.max_minutes, data=data if data is not None else DataHash(), ema=ema,
+               on_step=on_step, stop=stop)
 
 
 def subject_head(model: MemoryModel, recipe: Recipe) -> SubjectHead:
@@ -489,23 +498,53 @@ def subject_head(model: MemoryModel, recipe: Recipe) -> SubjectHead:
 def stage1(model: MemoryModel, recipe: Recipe, world: World, tokenizer, draw, eval_people, rng,
            subject: SubjectHead) -> dict:
     """In-context lookup on fresh people (`lookup_batch`): the answer loss on every question and recall,
-    the LM loss on the texts and the subject loss; held-out checks every STAGE1_EVAL_EVERY steps."""
+    the LM loss on the texts and the subject loss; held-out checks every `stage1_eval_every` steps.
+
+    1a: one-fact texts only, at a constant learning rate, until the gate (held-out `facts_k8` ≥
+    `stage1_gate`) or `stage1_steps`: when lookup appears varies by thousands of steps from seed to
+    seed, and whole biographies or a decaying rate from the start delayed it (docs/tinymodel.md).
+    1b: `stage1_bio_steps` more with biographies and name casings joining, cosine decay."""
     t1 = time.time()
+    data, summaries, losses = DataHash(), [], []
+    last: dict[str, float] = {}
 
-    def on_step(step: int, loss: float) -> None:
-        if step % STAGE1_EVAL_EVERY and step != recipe.stage1_steps:
-            return
-        model.eval()
-        rec = {"stage": 1, "step": step, "loss": round(loss, 3), "min": round((time.time() - t1) / 60, 1),
-               **lookup_probes(model, world, recipe, tokenizer, eval_people, seed=step)}
-        model.train()
-        log(rec)
+    def on_step_of(phase: str, steps: int):
+        def on_step(step: int, loss: float) -> None:
+            if step % recipe.stage1_eval_every and step != steps:
+                return
+            model.eval()
+            last.clear()
+            last.update(lookup_probes(model, world, recipe, tokenizer, eval_people, seed=step))
+            model.train()
+            log({"stage": phase, "step": step, "loss": round(loss, 3), "min": round((time.time() - t1) / 60, 1),
+                 **last})
+        return on_step
 
-    result = optimize(model, recipe, recipe.stage1_lr, recipe.stage1_steps,
-                      lambda step, micro: lookup_batch(world, recipe, tokenizer, rng, draw, recipe.stage1_batch),
-                      lambda lb: lookup_qa(model, lb, recipe.context_lm_weight, subject, recipe.subject_weight)[0],
-                      on_step, extra=list(subject.parameters()))
-    return {**result.summary(), "loss": loss_trend(result.losses)}
+    def gate(step: int) -> bool:
+        checked = step % recipe.stage1_eval_every == 0
+        return bool(recipe.stage1_gate) and checked and last["facts_k8"] >= recipe.stage1_gate
+
+    for phase, phase_recipe, steps, schedule, stop in (
+            ("1a", dataclasses.replace(recipe, stage1_bio_share=0.0, casing_share=0.0), recipe.stage1_steps,
+             "constant", gate),
+            ("1b", recipe, recipe.stage1_bio_steps, "cosine", None)):
+        if not steps:
+            continue
+        result = optimize(model, recipe, recipe.stage1_lr, steps,
+                          lambda step, micro, r=phase_recipe: lookup_batch(world, r, tokenizer, rng, draw,
+                                                                          recipe.stage1_batch),
+                          lambda lb: lookup_qa(model, lb, recipe.context_lm_weight, subject, recipe.subject_weight)[0],
+                          on_step_of(phase, steps), extra=list(subject.parameters()), schedule=schedule, stop=stop,
+                          data=data)
+        summaries.append((phase, result))
+        losses += result.losses
+        if result.capped_by_minutes:
+            break
+    return {"steps": sum(r.step for _, r in summaries), **{f"steps_{p}": r.step for p, r in summaries},
+            "seconds": round(sum(r.seconds for _, r in summaries)),
+            "capped_by_minutes": any(r.capped_by_minutes for _, r in summaries),
+            "stopped_by_gate": any(r.stopped for _, r in summaries), "gate_probes": dict(last),
+            "data_sha256": data.hexdigest(), "loss": loss_trend(losses)}
 
 
 def memory_stage(model: MemoryModel, recipe: Recipe, world: World, tokenizer, people, eval_people, rng,
@@ -589,6 +628,10 @@ def train_memoryllm(recipe: Recipe, out: str | Path) -> dict:
     fresh = world.people_stream("train", seed=recipe.seed + 500).__next__
     s1 = {"from": recipe.init} if recipe.init else stage1(model, recipe, world, tokenizer, fresh, eval_people, rng,
                                                           subject)
+    if recipe.stage1_out and not recipe.init:
+        save_tiny(model, tokenizer, recipe.stage1_out,
+                  {"recipe": asdict(recipe), "world": asdict(world.config), "stage1": s1,
+                   "command": f"memllm recipe tiny --kind memoryllm --seed {recipe.seed} --stage1-out DIR"})
     draw = world.people_stream("train", seed=recipe.seed + (3000 if recipe.init else 1000)).__next__
     ema, s2, history = memory_stage(model, recipe, world, tokenizer, fixed_people, eval_people, rng, draw,
                                     recipe.lr, recipe.stage2_steps, subject)

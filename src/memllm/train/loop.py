@@ -2,8 +2,9 @@
 (`memllm.recipes.tiny`) run `fit`.
 
 A run is a number of optimizer steps. The learning rate follows the steps (`lr_factor`: linear
-warm-up, then cosine decay to 10% at the last step); `max_minutes` is only a cap, and a run that hits
-it says so (`FitResult.capped_by_minutes`). Each micro-step asks `next_batch(step, micro)` for a
+warm-up, then cosine decay to 10% at the last step, or constant); `max_minutes` is only a cap, and a run
+that hits it says so (`FitResult.capped_by_minutes`); `stop`, asked after every step, ends a run
+early (a held-out gate). Each micro-step asks `next_batch(step, micro)` for a
 batch, hashes it into the run's data hash (`DataHash`, over the tensors `batch.tensors()` names) and
 asks `loss(batch)` for the loss to backpropagate. After every optimizer step an optional EMA of the
 weights is updated and `on_step(step, loss)` runs (logging, evaluation, curricula, saving state).
@@ -28,20 +29,25 @@ import torch
 from torch import nn
 
 
-def lr_factor(step: int, steps: int, warmup_steps: int) -> float:
+def lr_factor(step: int, steps: int, warmup_steps: int, schedule: str = "cosine") -> float:
     """The learning rate of `step` over the peak: linear warm-up over `warmup_steps`, then cosine decay
-    to 10% at `steps`."""
+    to 10% at `steps` (schedule "cosine") or the peak until the end ("constant": for a run whose length
+    a gate decides)."""
     if step < warmup_steps:
         return (step + 1) / warmup_steps
+    if schedule == "constant":
+        return 1.0
     progress = (step - warmup_steps) / max(1, steps - warmup_steps)
     return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
 def make_optimizer(params: Sequence[nn.Parameter], lr: float, steps: int, warmup_steps: int = 0,
-                   weight_decay: float = 0.0) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+                   weight_decay: float = 0.0, schedule: str = "cosine"
+                   ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
     """AdamW and its `lr_factor` schedule (stepped once per optimizer step)."""
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, steps, warmup_steps))
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer,
+                                                        lambda s: lr_factor(s, steps, warmup_steps, schedule))
 
 
 class DataHash:
@@ -114,18 +120,20 @@ B = TypeVar("B", bound=Batch)
 
 @dataclass
 class FitResult:
-    """Where a run stopped: the step reached, whether `max_minutes` stopped it first, wall seconds, the
-    data hash, and the loss of every optimizer step of this call (mean over its micro-steps)."""
+    """Where a run stopped: the step reached, whether `max_minutes` stopped it first, whether `stop` did,
+    wall seconds, the data hash, and the loss of every optimizer step of this call (mean over its
+    micro-steps)."""
 
     step: int
     capped_by_minutes: bool
     seconds: float
     data_sha256: str
     losses: list[float] = field(default_factory=list)
+    stopped: bool = False
 
     def summary(self) -> dict[str, Any]:
         return {"steps": self.step, "seconds": round(self.seconds), "capped_by_minutes": self.capped_by_minutes,
-                "data_sha256": self.data_sha256}
+                **({"stopped_by_gate": True} if self.stopped else {}), "data_sha256": self.data_sha256}
 
 
 def fit(
@@ -145,12 +153,13 @@ def fit(
     ema: EMA | None = None,  # updated from `ema_source` after every optimizer step
     ema_source: nn.Module | None = None,  # the unwrapped model (default: module)
     on_step: Callable[[int, float], None] | None = None,  # after every optimizer step: (step reached, its loss)
+    stop: Callable[[int], bool] | None = None,  # after on_step: end the run at this step?
 ) -> FitResult:
     """Train from `start` to `end` optimizer steps (see the module docstring)."""
     data = data if data is not None else DataHash()
     t0 = time.perf_counter()
-    step, capped, losses = start, False, []
-    while step < end:
+    step, capped, stopped, losses = start, False, False, []
+    while step < end and not stopped:
         if max_minutes:
             late = torch.tensor([float(time.perf_counter() - t0 > max_minutes * 60)])
             if acc.reduce(late, "max").item() > 0:  # every process stops at the same step
@@ -176,7 +185,8 @@ def fit(
             ema.update(ema_source if ema_source is not None else module)
         if on_step is not None:
             on_step(step, losses[-1])
-    return FitResult(step, capped, time.perf_counter() - t0, data.hexdigest(), losses)
+        stopped = stop is not None and step < end and stop(step)
+    return FitResult(step, capped, time.perf_counter() - t0, data.hexdigest(), losses, stopped)
 
 
 def loss_trend(losses: Sequence[float], share: float = 0.25) -> dict[str, float]:
