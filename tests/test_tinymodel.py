@@ -100,11 +100,34 @@ def test_inject_rows_matches_row_by_row():
     pools = objectives.start_pools(model, 4) + 0.01 * torch.randn(4, 2, 96, 32)
     kept = torch.rand(4, 2, 96).argsort(-1)[..., :64].sort(-1).values
     with torch.no_grad():
-        got = objectives.inject_rows(model, pools, rows, kept)
+        got, got_delta = objectives.inject_rows(model, pools, rows, kept)
         for b, r in enumerate(rows):
             delta = delta_memory(model, pools[b : b + 1], torch.tensor([r]))
             want = write_pool(pools[b : b + 1], delta, kept[b : b + 1])
             torch.testing.assert_close(got[b : b + 1], want, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(got_delta[b : b + 1], delta, atol=1e-5, rtol=1e-5)
+
+
+def test_memory_subject_loss_labels_the_asked_persons_rows():
+    """The target's memory rows are labelled with the asked person's name from the end of the name on,
+    aligned to the last tokens of the biography; the loss reaches the head and the injection."""
+    recipe, world, tok, model = small_model()
+    mb = tm.memory_batch(world, recipe, tok, world.people_stream("train", 3).__next__, random.Random(5), 3, 3, 1, 2,
+                         96, 32)
+    K = model.config.num_tokens
+    for b, ids in enumerate(mb.texts[1]):
+        labelled = (mb.target_subjects[b, :, 0] != -100).nonzero().squeeze(1).tolist()
+        assert labelled and labelled[-1] == K - 1 and labelled == list(range(labelled[0], K))
+        first, last = mb.target_subjects[b, K - 1].tolist()
+        name = tok.decode([first]).strip()
+        assert len(ids) <= K and ids[len(ids) - K + labelled[0]] == last  # from the name's last token on
+        assert tok.decode(ids).startswith(name)  # the biography's own name
+    subject = tm.subject_head(model, recipe)
+    plain = objectives.memory_qa(model, mb)
+    with_subject = objectives.memory_qa(model, mb, subject=subject, subject_weight=1.0)
+    assert with_subject.loss.item() > plain.loss.item() + 1.0  # a fresh head: about 2 log(V) more
+    with_subject.loss.backward()
+    assert subject.proj.weight.grad.abs().sum() > 0 and model.layers[0].mlp.down_proj.weight.grad.abs().sum() > 0
 
 
 def test_memory_gradient_reaches_the_target_injection_only():

@@ -34,8 +34,9 @@ to bottom:
 5. Stage 2 (``memory_stage``): the same episodes written into per-row memories (fresh people every
    step, so facts cannot be learned into the weights), 1..max_texts injections, the asked person's
    biography at a uniformly random position, the gradient through its injection; every
-   ``replay_every``-th step is a stage-1 step (people of a fixed world). An EMA of the weights is what
-   is evaluated and saved.
+   ``replay_every``-th step is a stage-1 step (people of a fixed world); ``--memory-subject-weight``
+   adds the subject loss on the memory rows the asked person's injection writes. An EMA of the weights
+   is what is evaluated and saved.
 6. Stage 3, M+ (``train_mplus``): the MemoryLLM model plus a retriever (``mplus_from``), trained the
    same way with up to ``mplus_max_texts`` texts, every row reading its long-term memory
    (``memllm.core.mplus.RowLTM``, exactly as inference does) and the retriever loss on the asked person's
@@ -119,6 +120,8 @@ class Recipe:
                                               "same attribute (only the name tells them apart)")
     subject_weight: float = option(1.0, "weight of the subject loss (train.objectives.SubjectHead) in-context")
     subject_layer: int = option(1, "the subject loss reads the hidden state after this many layers")
+    memory_subject_weight: float = option(0.0, "stages 2-3: weight of the subject loss on the memory rows the asked "
+                                               "person's injection writes for layer subject_layer")
     context_lm_weight: float = option(0.25, "weight of the LM loss on the context in in-context steps")
     warmup_steps: int = option(100, "linear learning-rate warm-up steps of every stage")
     stage2_steps: int = option(2500, "stage 2 (memory): optimizer steps")
@@ -192,6 +195,7 @@ class Episode:
     target: int  # index of the asked person's biography in texts; -1: a stranger is asked
     prompt: str  # ends with "A:"
     answer: str  # " value", or " unknown" for a stranger
+    subject: str = ""  # the name of the person whose biography is texts[target] (for a stranger too)
 
 
 def _similar(world: World, rng: random.Random, person: Person, fresh: Person) -> Person:
@@ -248,7 +252,7 @@ def episode(world: World, recipe: Recipe, rng: random.Random, draw, n_texts: int
         casing = "as_is" if rng.random() >= recipe.casing_share else rng.choice(("upper", "lower"))
     prompt, answer = world.question(asked, rng.choice(world.attributes), rng, phrasings=phrasings,
                                     casing=casing, stranger=stranger)
-    return Episode(texts, -1 if stranger else target, prompt, answer)
+    return Episode(texts, -1 if stranger else target, prompt, answer, person.name)
 
 
 # ---- the objectives' batches ----------------------------------------------------------------------
@@ -393,7 +397,22 @@ def memory_batch(world: World, recipe: Recipe, tokenizer, draw, rng: random.Rand
     g = torch.Generator().manual_seed(rng.randrange(1 << 62))
     kept = [kept_rows(num_layers, N, K, g, batch=batch) for _ in range(n_texts)]  # each [B, L, N - K]
     strangers = torch.tensor([ep.target < 0 for ep in eps])
-    return MemoryBatch(texts, target, strangers, questions, labels, kept)
+    return MemoryBatch(texts, target, strangers, questions, labels, kept,
+                       target_subjects(tokenizer, texts[target], [ep.subject for ep in eps], K))
+
+
+def target_subjects(tokenizer, rows: list[list[int]], names: list[str], K: int) -> torch.Tensor:
+    """Subject labels [B, K, 2] of the K memory rows an injection of `rows` writes: a row's last
+    min(len, K) rows are its text's last tokens, labelled (first, last name token) from the end of
+    the name on; the rest -100."""
+    labels = torch.full((len(rows), K, 2), -100, dtype=torch.long)
+    for b, (ids, name) in enumerate(zip(rows, names)):
+        name_ids = encode(tokenizer, [" " + name], bos=False)[0]
+        known = _name_end(ids, name_ids)
+        tail = range(max(known, len(ids) - K), len(ids))
+        for t in tail:
+            labels[b, K - len(ids) + t] = torch.tensor([name_ids[0], name_ids[-1]])
+    return labels
 
 
 # ---- evaluation during training (held-out people) -------------------------------------------------
@@ -570,7 +589,8 @@ def memory_stage(model: MemoryModel, recipe: Recipe, world: World, tokenizer, pe
     def loss(batch: LookupBatch | MemoryBatch) -> torch.Tensor:
         if isinstance(batch, LookupBatch):
             return lookup_qa(model, batch, recipe.context_lm_weight, subject, recipe.subject_weight)[0]
-        qa = memory_qa(model, batch, retriever_weight=recipe.retriever_weight if mplus else 0.0)
+        qa = memory_qa(model, batch, retriever_weight=recipe.retriever_weight if mplus else 0.0, subject=subject,
+                       subject_weight=recipe.memory_subject_weight)
         window.append((qa.loss.item(), qa.correct.float().mean().item(), qa.retriever))
         answer_losses.append(qa.answer_loss)
         return qa.loss

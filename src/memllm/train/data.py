@@ -187,6 +187,7 @@ class MemoryBatch:
     questions: torch.Tensor  # [B, T] prompt + answer, right-padded
     labels: torch.Tensor  # [B, T] -100 except the answer token
     kept: list[torch.Tensor]  # per injection [B, L, N - K] surviving rows
+    target_subjects: torch.Tensor | None = None  # [B, K, 2] subject labels of the target's K memory rows, -100: none
 
     def tensors(self) -> list[torch.Tensor]:
         return [self.questions, self.labels, *(pad(rows, 0) for rows in self.texts), *self.kept]

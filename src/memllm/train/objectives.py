@@ -276,7 +276,11 @@ class SubjectHead(nn.Module):
         self.proj = nn.Linear(hidden_size, 2 * vocab_size)
 
     def loss(self, hidden_states: tuple[torch.Tensor, ...], subjects: torch.Tensor) -> torch.Tensor:
-        h = hidden_states[self.layer]  # [B, T, d]
+        """In context: the hidden states after `layer` layers against subjects [B, T, 2] (-100: none)."""
+        return self.loss_on(hidden_states[self.layer], subjects)
+
+    def loss_on(self, h: torch.Tensor, subjects: torch.Tensor) -> torch.Tensor:
+        """Rows h [B, T, d] (hidden states, or memory rows) against subjects [B, T, 2] (-100: none)."""
         logits = self.proj(h).view(*h.shape[:2], 2, -1)  # [B, T, 2, V]
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), subjects.reshape(-1), ignore_index=-100)
 
@@ -303,14 +307,16 @@ def start_pools(model: MemoryModel, batch: int) -> torch.Tensor:
 
 
 def inject_rows(model: MemoryModel, pools: torch.Tensor, rows: list[list[int]], kept: torch.Tensor,
-                grad: bool = True) -> torch.Tensor:
-    """Write one context of any length per row into pools [B, L, N, d]. The write keeps the graph of the
-    surviving rows; `grad=False` computes the new rows without one (cheap distractors)."""
+                grad: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Write one context of any length per row into pools [B, L, N, d]: (new pools, the delta memory
+    [B, L, K, d] written, whose last min(len, K) rows per row and layer are its context's last tokens).
+    The write keeps the graph of the surviving rows; `grad=False` computes the new rows without one
+    (cheap distractors)."""
     ids = pad(rows, 0)
     mask = pad([[1] * len(r) for r in rows], 0)
     with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
         delta = delta_memory(model, pools, ids, mask)
-    return write_pool(pools, delta, kept)
+    return write_pool(pools, delta, kept), delta
 
 
 class MemoryQA(NamedTuple):
@@ -320,13 +326,17 @@ class MemoryQA(NamedTuple):
     answer_loss: float  # the answer loss alone
 
 
-def memory_qa(model: MemoryModel, mb: MemoryBatch, retriever_weight: float = 0.0) -> MemoryQA:
+def memory_qa(model: MemoryModel, mb: MemoryBatch, retriever_weight: float = 0.0, subject: SubjectHead | None = None,
+              subject_weight: float = 0.0) -> MemoryQA:
     """Memory QA after writing every text of the batch into fresh per-row memories, the gradient
     flowing through the target's injection. The loss is on the answer token (plus, for M+,
     retriever_weight times the retriever loss whose positives are the asked person's vectors in
-    long-term memory)."""
+    long-term memory; plus, with a subject head, subject_weight times its loss on the memory rows the
+    target's injection wrote for layer `subject.layer`: the rows that layer reads name whom they are
+    about, as its in-context inputs do)."""
     B = mb.questions.shape[0]
     pools = start_pools(model, B)
+    extra = torch.zeros(())  # the subject loss on the target's memory rows
     mplus = model.config.kind == "mplus"
     if mplus:  # long-term memory per row, and which injection wrote each vector
         L, N = pools.shape[1:3]
@@ -336,7 +346,9 @@ def memory_qa(model: MemoryModel, mb: MemoryBatch, retriever_weight: float = 0.0
         if mplus:
             ltm, ages = drop_to_ltm(ltm, pools, ages, mb.kept[i], written_by)
             written_by = write_ids(written_by, torch.full((B,), i), mb.kept[i])
-        pools = inject_rows(model, pools, rows, mb.kept[i], grad=i == mb.target)
+        pools, delta = inject_rows(model, pools, rows, mb.kept[i], grad=i == mb.target)
+        if i == mb.target and subject is not None and subject_weight and mb.target_subjects is not None:
+            extra = subject_weight * subject.loss_on(delta[:, subject.layer], mb.target_subjects)  # rows [B, K, d]
     captured: dict[int, torch.Tensor] = {}
     if mplus:
         q_mask = (mb.labels == -100) & (mb.questions != model.tokenizer.pad_token_id)
@@ -349,6 +361,7 @@ def memory_qa(model: MemoryModel, mb: MemoryBatch, retriever_weight: float = 0.0
     mask = target != -100
     correct = logits.argmax(-1)[mask] == target[mask]  # one answer per row, in row order
     answer_loss, stats = loss.item(), None
+    loss = loss + extra
     if mplus and ltm.size:
         positive = (ltm.docs == mb.target) & ~mb.strangers.view(B, 1, 1)
         r_loss, stats = retriever_loss(model, captured, ltm.vectors, positive)
