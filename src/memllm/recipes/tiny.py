@@ -124,6 +124,7 @@ class Recipe:
                                                "person's injection writes for layer subject_layer")
     context_lm_weight: float = option(0.25, "weight of the LM loss on the context in in-context steps")
     warmup_steps: int = option(100, "linear learning-rate warm-up steps of every stage")
+    weight_decay: float = option(0.0, "AdamW weight decay of every stage")
     stage2_steps: int = option(2500, "stage 2 (memory): optimizer steps")
     batch: int = option(32, "stages 2-3: rows (memories) per step")
     lr: float = option(1e-3, "stage 2: peak learning rate")
@@ -501,7 +502,7 @@ def optimize(model: MemoryModel, recipe: Recipe, lr: float, steps: int, next_bat
     gradient would shrink the model's (stage 1 then learned far slower: docs/tinymodel.md)."""
     params = list(model.parameters())
     optimizer, scheduler = make_optimizer(params + list(extra or []), lr, steps, recipe.warmup_steps,
-                                          schedule=schedule)
+                                          recipe.weight_decay, schedule)
     return fit(SingleProcess(), model, optimizer, scheduler, params, next_batch, loss, end=steps,
                max_minutes=recipe.max_minutes, data=data if data is not None else DataHash(), ema=ema,
                on_step=on_step, stop=stop)
