@@ -130,6 +130,23 @@ def test_memory_subject_loss_labels_the_asked_persons_rows():
     assert subject.proj.weight.grad.abs().sum() > 0 and model.layers[0].mlp.down_proj.weight.grad.abs().sum() > 0
 
 
+def test_memory_recall_loss_reads_the_target_back_through_its_injection():
+    """The recall loss is the LM loss of the target's text read from the memory it was written into
+    (here the only text), added to the answer loss."""
+    recipe, world, tok, model = small_model()
+    mb = tm.memory_batch(world, recipe, tok, world.people_stream("train", 3).__next__, random.Random(5), 3, 1, 0, 2,
+                         96, 32)
+    plain = objectives.memory_qa(model, mb)
+    recall = objectives.memory_qa(model, mb, recall_weight=0.5)
+    assert recall.answer_loss == plain.answer_loss
+    pools, _ = objectives.inject_rows(model, objectives.start_pools(model, 3), mb.texts[0], mb.kept[0])
+    read_back = model.forward_pools(objectives.pad(mb.texts[0], tok.pad_token_id), pools,
+                                    labels=objectives.pad(mb.texts[0], -100)).loss
+    assert read_back.item() > 1.0  # an untrained model: several nats a token
+    torch.testing.assert_close(recall.loss - plain.loss, 0.5 * read_back, atol=1e-4, rtol=1e-4)
+
+
+
 def test_memory_gradient_reaches_the_target_injection_only():
     recipe, world, tok, model = small_model()
     rng = random.Random(3)

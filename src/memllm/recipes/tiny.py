@@ -34,9 +34,10 @@ to bottom:
 5. Stage 2 (``memory_stage``): the same episodes written into per-row memories (fresh people every
    step, so facts cannot be learned into the weights), 1..max_texts injections, the asked person's
    biography at a uniformly random position, the gradient through its injection; every
-   ``replay_every``-th step is a stage-1 step (people of a fixed world); ``--memory-subject-weight``
-   adds the subject loss on the memory rows the asked person's injection writes. An EMA of the weights
-   is what is evaluated and saved.
+   ``replay_every``-th step is a stage-1 step (people of a fixed world); ``--memory-recall-weight``
+   adds the LM loss of the asked person's biography read back from memory, ``--memory-subject-weight``
+   the subject loss on the memory rows its injection writes. An EMA of the weights is what is
+   evaluated and saved.
 6. Stage 3, M+ (``train_mplus``): the MemoryLLM model plus a retriever (``mplus_from``), trained the
    same way with up to ``mplus_max_texts`` texts, every row reading its long-term memory
    (``memllm.core.mplus.RowLTM``, exactly as inference does) and the retriever loss on the asked person's
@@ -120,6 +121,8 @@ class Recipe:
                                               "same attribute (only the name tells them apart)")
     subject_weight: float = option(1.0, "weight of the subject loss (train.objectives.SubjectHead) in-context")
     subject_layer: int = option(1, "the subject loss reads the hidden state after this many layers")
+    memory_recall_weight: float = option(0.0, "stage 2: weight of the LM loss on the asked person's biography read "
+                                              "back from memory (what made the in-context model read its memory)")
     memory_subject_weight: float = option(0.0, "stages 2-3: weight of the subject loss on the memory rows the asked "
                                                "person's injection writes for layer subject_layer")
     context_lm_weight: float = option(0.25, "weight of the LM loss on the context in in-context steps")
@@ -591,7 +594,7 @@ def memory_stage(model: MemoryModel, recipe: Recipe, world: World, tokenizer, pe
         if isinstance(batch, LookupBatch):
             return lookup_qa(model, batch, recipe.context_lm_weight, subject, recipe.subject_weight)[0]
         qa = memory_qa(model, batch, retriever_weight=recipe.retriever_weight if mplus else 0.0, subject=subject,
-                       subject_weight=recipe.memory_subject_weight)
+                       subject_weight=recipe.memory_subject_weight, recall_weight=recipe.memory_recall_weight)
         window.append((qa.loss.item(), qa.correct.float().mean().item(), qa.retriever))
         answer_losses.append(qa.answer_loss)
         return qa.loss

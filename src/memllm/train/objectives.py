@@ -327,13 +327,17 @@ class MemoryQA(NamedTuple):
 
 
 def memory_qa(model: MemoryModel, mb: MemoryBatch, retriever_weight: float = 0.0, subject: SubjectHead | None = None,
-              subject_weight: float = 0.0) -> MemoryQA:
+              subject_weight: float = 0.0, recall_weight: float = 0.0) -> MemoryQA:
     """Memory QA after writing every text of the batch into fresh per-row memories, the gradient
-    flowing through the target's injection. The loss is on the answer token (plus, for M+,
-    retriever_weight times the retriever loss whose positives are the asked person's vectors in
-    long-term memory; plus, with a subject head, subject_weight times its loss on the memory rows the
-    target's injection wrote for layer `subject.layer`: the rows that layer reads name whom they are
-    about, as its in-context inputs do)."""
+    flowing through the target's injection. The loss is on the answer token, plus:
+    - M+: retriever_weight times the retriever loss whose positives are the asked person's vectors in
+      long-term memory;
+    - with a subject head, subject_weight times its loss on the memory rows the target's injection
+      wrote for layer `subject.layer` (the rows that layer reads name whom they are about, as its
+      in-context inputs do);
+    - recall_weight times the LM loss of the target's text read back from the memory (MemoryLLM): a
+      loss on every token, where the answer gives one per row. An in-context lookup model learned to
+      read its memory only with it (docs/tinymodel.md)."""
     B = mb.questions.shape[0]
     pools = start_pools(model, B)
     extra = torch.zeros(())  # the subject loss on the target's memory rows
@@ -362,6 +366,10 @@ def memory_qa(model: MemoryModel, mb: MemoryBatch, retriever_weight: float = 0.0
     correct = logits.argmax(-1)[mask] == target[mask]  # one answer per row, in row order
     answer_loss, stats = loss.item(), None
     loss = loss + extra
+    if recall_weight and not mplus:
+        rows = mb.texts[mb.target]
+        loss = loss + recall_weight * model.forward_pools(pad(rows, model.tokenizer.pad_token_id), pools,
+                                                          labels=pad(rows, -100)).loss
     if mplus and ltm.size:
         positive = (ltm.docs == mb.target) & ~mb.strangers.view(B, 1, 1)
         r_loss, stats = retriever_loss(model, captured, ltm.vectors, positive)
