@@ -3,7 +3,7 @@
     memllm recipe tiny --out DIR                      # both: DIR/memoryllm, then DIR/mplus
     memllm recipe tiny --out DIR --kind memoryllm     # stages 1-2 only
     memllm recipe tiny --out DIR --kind mplus --init MEMORYLLM_DIR   # stage 3 only
-    memllm recipe tiny --out DIR --kind memoryllm --init MEMORYLLM_DIR --stage2-steps S  # (more) stage 2
+    memllm recipe tiny --out DIR --kind memoryllm --init STAGE1_DIR   # stage 2 from a --stage1-out model
 
 The models must look things up: a memory holds several people (and other text) in any order, the
 question is about any of them, or about someone never written (answer: ``unknown``), in any of many
@@ -34,14 +34,18 @@ to bottom:
 5. Stage 2 (``memory_stage``): the same episodes written into per-row memories (fresh people every
    step, so facts cannot be learned into the weights), 1..max_texts injections, the asked person's
    biography at a uniformly random position, the gradient through its injection; every
-   ``replay_every``-th step is a stage-1 step (people of a fixed world); ``--memory-recall-weight``
-   adds the LM loss of the asked person's biography read back from memory, ``--memory-subject-weight``
-   the subject loss on the memory rows its injection writes. An EMA of the weights is what is
-   evaluated and saved.
+   ``replay_every``-th step is a stage-1 step (people of a fixed world). Besides the answer, the LM
+   loss of the asked person's biography read back from memory (``memory_recall_weight``) and the
+   subject loss on the memory rows its injection writes (``memory_subject_weight``): with the answer
+   alone the in-context model never learned to read its memory. 2a (``stage2_read_steps``): 1-2 texts,
+   no strangers, until it reads; 2b (``stage2_steps``): the full episodes. Each phase starts from the
+   EMA weights of the one before, exactly as a run with ``--init`` of that model would (so the chain
+   of commands the shipped model came from and the one command give the same weights).
 6. Stage 3, M+ (``train_mplus``): the MemoryLLM model plus a retriever (``mplus_from``), trained the
    same way with up to ``mplus_max_texts`` texts, every row reading its long-term memory
    (``memllm.core.mplus.RowLTM``, exactly as inference does) and the retriever loss on the asked person's
-   long-term vectors (so what is retrieved depends on the question).
+   long-term vectors (so what is retrieved depends on the question); the recall read-back retrieves
+   with the biography as its query.
 7. ``save_tiny``: the EMA weights with the tokenizer and ``recipe.json`` (recipe, world, per-stage
    steps, seconds, loss trend and a hash of the data stream, the evaluation history).
 
@@ -82,7 +86,8 @@ class Recipe:
                        choices=("memoryllm", "mplus", "both"))
     init: str = option("", "kind mplus: the trained MemoryLLM tiny model to start from; kind memoryllm: "
                            "run (more) stage 2 from this model (a stage-1 model from --stage1-out, or a trained one)")
-    seed: int = option(0, "everything random: world, tokenizer, data streams, initialisation, memory drops")
+    seed: int = option(1, "everything random: world, tokenizer, data streams, initialisation, memory drops "
+                          "(seed 0's stage 1 had not passed the gate by step 2,700)")
     max_minutes: float = option(0.0, "a cap per stage (0: none); the step counts below are the schedule")
     first_name_syllables: int = option(1, "the world's names: first names of this many syllables ...")
     last_name_syllables: int = option(2, "... and last names of 1 to this many")
@@ -121,14 +126,16 @@ class Recipe:
                                               "same attribute (only the name tells them apart)")
     subject_weight: float = option(1.0, "weight of the subject loss (train.objectives.SubjectHead) in-context")
     subject_layer: int = option(1, "the subject loss reads the hidden state after this many layers")
-    memory_recall_weight: float = option(0.0, "stage 2: weight of the LM loss on the asked person's biography read "
-                                              "back from memory (what made the in-context model read its memory)")
-    memory_subject_weight: float = option(0.0, "stages 2-3: weight of the subject loss on the memory rows the asked "
+    memory_recall_weight: float = option(1.0, "stages 2-3: weight of the LM loss on the asked person's biography "
+                                              "read back from memory (what made the in-context model read it)")
+    memory_subject_weight: float = option(1.0, "stages 2-3: weight of the subject loss on the memory rows the asked "
                                                "person's injection writes for layer subject_layer")
     context_lm_weight: float = option(0.25, "weight of the LM loss on the context in in-context steps")
     warmup_steps: int = option(100, "linear learning-rate warm-up steps of every stage")
     weight_decay: float = option(0.0, "AdamW weight decay of every stage")
-    stage2_steps: int = option(2500, "stage 2 (memory): optimizer steps")
+    stage2_read_steps: int = option(1600, "stage 2a (memory, 1-2 texts, no strangers): optimizer steps; the model "
+                                          "began to read its memory between steps 1,000 and 1,200")
+    stage2_steps: int = option(1500, "stage 2b (memory, the full episodes, from 2a's EMA weights): optimizer steps")
     batch: int = option(32, "stages 2-3: rows (memories) per step")
     lr: float = option(1e-3, "stage 2: peak learning rate")
     max_texts: int = option(16, "stage 2: texts per memory, 1..max_texts (2x the short-term capacity in biographies)")
@@ -571,13 +578,14 @@ def stage1(model: MemoryModel, recipe: Recipe, world: World, tokenizer, draw, ev
 
 
 def memory_stage(model: MemoryModel, recipe: Recipe, world: World, tokenizer, people, eval_people, rng,
-                 draw, lr: float, steps: int, subject: SubjectHead) -> tuple[MemoryModel, dict, list[dict]]:
+                 draw, lr: float, steps: int, subject: SubjectHead,
+                 stage: str) -> tuple[MemoryModel, dict, list[dict]]:
     """Memory training on fresh people (stage 2, or stage 3 for M+): 1..max_texts texts per memory
     (M+: mplus_max_texts), the asked person's biography at a uniformly random injection, with an
     in-context step every `replay_every`-th step; returns the EMA weights, a summary and the eval
-    history. The summary's loss trend is the answer loss of the memory steps."""
+    history (its records labelled `stage`). The summary's loss trend is the answer loss of the memory
+    steps."""
     mplus = model.config.kind == "mplus"
-    stage = 3 if mplus else 2
     ema = EMA(model, recipe.ema)
     t2, history = time.time(), []
     window: list[tuple[float, float, torch.Tensor | None]] = []  # (loss, accuracy, retriever stats) since the last eval
@@ -629,9 +637,22 @@ def save_tiny(ema: MemoryModel, tokenizer, out: str | Path, record: dict) -> Pat
     return path
 
 
+def read_phase(recipe: Recipe) -> Recipe:
+    """Stage 2a's episodes: 1-2 texts and no strangers (a model that answered `unknown` to everything
+    from memory learned to read it this way, docs/tinymodel.md)."""
+    return dataclasses.replace(recipe, max_texts=min(2, recipe.max_texts), stranger_share=0.0)
+
+
+def trainable(model: MemoryModel) -> MemoryModel:
+    """The next phase trains the EMA weights of the one before (what `--init` of its saved model does)."""
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return model.train()
+
+
 def train_memoryllm(recipe: Recipe, out: str | Path) -> dict:
-    """Stages 1 and 2 from scratch, or (with `recipe.init`) stage 2 continued from a trained tiny
-    MemoryLLM model for stage2_steps more steps; the EMA weights saved to `out`."""
+    """Stages 1 and 2 from scratch, or (with `recipe.init`) stage 2 from a saved tiny MemoryLLM
+    model (a stage-1 model, or one to continue); the EMA weights saved to `out`."""
     torch.set_num_threads(recipe.threads)
     t0 = time.time()
     recipe = dataclasses.replace(recipe, kind="memoryllm")
@@ -645,29 +666,40 @@ def train_memoryllm(recipe: Recipe, out: str | Path) -> dict:
     n_params = sum(p.numel() for p in model.parameters())
     log({"event": "built", "params": n_params, "tokenizer_s": round(time.time() - t0, 1), **asdict(recipe)})
 
-    rng = random.Random(f"tinymodel:{recipe.seed}:{'continued' if recipe.init else 'scratch'}")
     fixed_people = world.people(recipe.stage1_people, "train", seed=recipe.seed)
     eval_people = world.heldout_people(recipe.eval_people, seed=recipe.seed + 1)
-    subject = subject_head(model, recipe)
-    fresh = world.people_stream("train", seed=recipe.seed + 500).__next__
-    s1 = {"from": recipe.init} if recipe.init else stage1(model, recipe, world, tokenizer, fresh, eval_people, rng,
-                                                          subject)
+    if recipe.init:
+        earlier = json.loads((Path(recipe.init) / "recipe.json").read_text())
+        s1 = {"earlier_run": {k: earlier.get(k) for k in ("stage1", "stage2_read", "stage2", "command")}}
+    else:
+        rng = random.Random(f"tinymodel:{recipe.seed}:scratch")
+        fresh = world.people_stream("train", seed=recipe.seed + 500).__next__
+        s1 = stage1(model, recipe, world, tokenizer, fresh, eval_people, rng, subject_head(model, recipe))
     if recipe.stage1_out and not recipe.init:
         save_tiny(model, tokenizer, recipe.stage1_out,
                   {"recipe": asdict(recipe), "world": asdict(world.config), "stage1": s1,
                    "command": f"memllm recipe tiny --kind memoryllm --seed {recipe.seed} --stage1-out DIR"})
-    draw = world.people_stream("train", seed=recipe.seed + (3000 if recipe.init else 1000)).__next__
-    ema, s2, history = memory_stage(model, recipe, world, tokenizer, fixed_people, eval_people, rng, draw,
-                                    recipe.lr, recipe.stage2_steps, subject)
+    summaries, history = {}, []
+    for name, phase, steps in (("stage2_read", read_phase(recipe), recipe.stage2_read_steps),
+                               ("stage2", recipe, recipe.stage2_steps)):
+        if not steps:
+            continue
+        # every phase as a fresh process with --init would start it: its data streams, a fresh subject head
+        rng = random.Random(f"tinymodel:{recipe.seed}:continued")
+        draw = world.people_stream("train", seed=recipe.seed + 3000).__next__
+        ema, summaries[name], h = memory_stage(model, phase, world, tokenizer, fixed_people, eval_people, rng, draw,
+                                               recipe.lr, steps, subject_head(model, recipe),
+                                               "2a" if name == "stage2_read" else "2b")
+        model, history = trainable(ema), history + h
     command = f"memllm recipe tiny --kind memoryllm --seed {recipe.seed}"
     if recipe.init:
-        command += f" --init {recipe.init} --stage2-steps {recipe.stage2_steps}"
-        earlier = json.loads((Path(recipe.init) / "recipe.json").read_text())
-        s1 = {"earlier_run": {k: earlier.get(k) for k in ("stage1", "stage2", "command")}}
-    record = {"recipe": asdict(recipe), "world": asdict(world.config), "stage1": s1, "stage2": s2,
-              "history": history, "command": command}
-    path = save_tiny(ema, tokenizer, out, record)
-    summary = {"event": "saved", "out": str(path), "params": n_params, "stage1": s1, "stage2": s2,
+        command += f" --init {recipe.init} --stage2-read-steps {recipe.stage2_read_steps}"
+    command += f" --stage2-steps {recipe.stage2_steps}"
+    record = {"recipe": asdict(recipe), "world": asdict(world.config), "stage1": s1,
+              "stage2_read": summaries.get("stage2_read"), "stage2": summaries.get("stage2"), "history": history,
+              "command": command}
+    path = save_tiny(model, tokenizer, out, record)
+    summary = {"event": "saved", "out": str(path), "params": n_params, "stage1": s1, **summaries,
                "total_s": round(time.time() - t0)}
     log(summary)
     return summary
@@ -691,7 +723,7 @@ def train_mplus(recipe: Recipe, memoryllm_dir: str | Path, out: str | Path) -> d
     eval_people = world.heldout_people(recipe.eval_people, seed=recipe.seed + 1)
     draw = world.people_stream("train", seed=recipe.seed + 2000).__next__
     ema, s3, history = memory_stage(model, recipe, world, tokenizer, fixed_people, eval_people, rng, draw,
-                                    recipe.mplus_lr, recipe.stage3_steps, subject_head(model, recipe))
+                                    recipe.mplus_lr, recipe.stage3_steps, subject_head(model, recipe), "3")
     record = {"recipe": asdict(recipe), "world": asdict(world.config), "from": str(memoryllm_dir), "stage3": s3,
               "history": history,
               "command": f"memllm recipe tiny --kind mplus --init MEMORYLLM_DIR --seed {recipe.seed}"}

@@ -335,8 +335,8 @@ def memory_qa(model: MemoryModel, mb: MemoryBatch, retriever_weight: float = 0.0
     - with a subject head, subject_weight times its loss on the memory rows the target's injection
       wrote for layer `subject.layer` (the rows that layer reads name whom they are about, as its
       in-context inputs do);
-    - recall_weight times the LM loss of the target's text read back from the memory (MemoryLLM): a
-      loss on every token, where the answer gives one per row. An in-context lookup model learned to
+    - recall_weight times the LM loss of the target's text read back from the memory (M+: short- and
+      long-term): a loss on every token, where the answer gives one per row. An in-context lookup model learned to
       read its memory only with it (docs/tinymodel.md)."""
     B = mb.questions.shape[0]
     pools = start_pools(model, B)
@@ -366,10 +366,12 @@ def memory_qa(model: MemoryModel, mb: MemoryBatch, retriever_weight: float = 0.0
     correct = logits.argmax(-1)[mask] == target[mask]  # one answer per row, in row order
     answer_loss, stats = loss.item(), None
     loss = loss + extra
-    if recall_weight and not mplus:
+    if recall_weight:  # M+: the text is also the query that retrieves from long-term memory
         rows = mb.texts[mb.target]
+        text_mask = pad([[1] * len(r) for r in rows], 0) if mplus else None
         loss = loss + recall_weight * model.forward_pools(pad(rows, model.tokenizer.pad_token_id), pools,
-                                                          labels=pad(rows, -100)).loss
+                                                          labels=pad(rows, -100), ltm=ltm if mplus else None,
+                                                          attention_mask=text_mask).loss
     if mplus and ltm.size:
         positive = (ltm.docs == mb.target) & ~mb.strangers.view(B, 1, 1)
         r_loss, stats = retriever_loss(model, captured, ltm.vectors, positive)
