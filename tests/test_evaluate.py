@@ -22,6 +22,9 @@ def test_wilson():
     assert 0.65 < lo < 0.8 and hi == pytest.approx(1.0)
     lo, hi = wilson(50, 100)
     assert lo == pytest.approx(0.4038, abs=1e-3) and hi == pytest.approx(0.5962, abs=1e-3)
+    # all right or all wrong: the interval contains the proportion exactly (rounding left 350 of 350
+    # with an upper bound below 1, which broke the retention figure's error bars)
+    assert all(wilson(n, n)[1] == 1.0 and wilson(0, n)[0] == 0.0 for n in range(1, 500))
 
 
 def test_first_word():

@@ -30,7 +30,8 @@ def wilson(correct: int, total: int, z: float = 1.96) -> tuple[float, float]:
     denom = 1 + z * z / total
     centre = (p + z * z / (2 * total)) / denom
     half = z * math.sqrt(p * (1 - p) / total + z * z / (4 * total * total)) / denom
-    return max(0.0, centre - half), min(1.0, centre + half)
+    # min/max with p: at p = 0 or 1 the bound equals p only up to rounding (it came out 0.9999999999)
+    return max(0.0, min(p, centre - half)), min(1.0, max(p, centre + half))
 
 
 def first_word(text: str) -> str:
@@ -134,10 +135,11 @@ class Tally:
                 "other_value_rate": self.other / n if n else None, "abstain_rate": self.abstain / n if n else None}
 
 
-def errorbar(ax, xs, cells: list[dict], **kw) -> None:
-    """Accuracies of `cells` (`Tally.as_dict`) at `xs` with their 95% intervals as error bars."""
+def errorbar(ax, xs, cells: list[dict], **kw):
+    """Accuracies of `cells` (`Tally.as_dict`, or any {"acc", "ci"}) at `xs` with their 95% intervals as
+    error bars; matplotlib's container."""
     ys = [c["acc"] for c in cells]
     # accuracies and bounds are rounded separately, so a bound can sit a hair on the wrong side of y
     below = [max(0.0, y - c["ci"][0]) for y, c in zip(ys, cells)]
     above = [max(0.0, c["ci"][1] - y) for y, c in zip(ys, cells)]
-    ax.errorbar(xs, ys, yerr=[below, above], marker="o", capsize=3, **kw)
+    return ax.errorbar(xs, ys, yerr=[below, above], marker="o", capsize=3, **kw)

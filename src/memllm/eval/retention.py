@@ -501,10 +501,7 @@ def print_lookup(lookups: dict[str, dict]) -> None:
 def _plot_single(ax, results: dict[str, dict]) -> None:
     for name, r in results.items():
         xs = r["counts"]
-        ys = [r["acc"][n] for n in xs]
-        lo = [r["acc"][n] - r["ci"][n][0] for n in xs]
-        hi = [r["ci"][n][1] - r["acc"][n] for n in xs]
-        line = ax.errorbar(xs, ys, yerr=[lo, hi], marker="o", capsize=3, label=name)
+        line = errorbar(ax, xs, [{"acc": r["acc"][n], "ci": r["ci"][n]} for n in xs], label=name)
         ax.axhline(r["floor"], linestyle=":", color=line[0].get_color(), label=f"{name} floor")
     first = next(iter(results.values()))
     xs = first["counts"]
