@@ -155,3 +155,22 @@ def test_cli_eval_forgetting_prints_its_json_last() -> None:
     keys = {"forgotten_minus_floor", "others_kept_ratio", "attribution_top1", "int8_size_ratio", "int8_accuracy_delta",
             "bf16_size_ratio", "bf16_accuracy_delta"}
     assert keys <= set(result["memoryllm"]) and result["memoryllm"]["int8_size_ratio"] <= 0.3
+
+
+def test_eval_forgetting_splits_targets_by_whether_a_later_write_read_them() -> None:
+    """The forgotten target's questions (and their floor) split into targets written last and targets a
+    later injection followed; the two parts add up to the whole."""
+    from memllm.eval.common import world_for
+    from memllm.eval.forgetting import forgetting
+
+    model = memllm.load("tiny-memoryllm")
+    r = forgetting(model, world_for("tiny-memoryllm"), n_people=2, seed=1)  # seed 1: one target of each kind
+    for cell in ("target_forgotten", "floor"):
+        last, followed = r[f"{cell}_last"], r[f"{cell}_followed"]
+        assert last["n"] + followed["n"] == r[cell]["n"] and last["n"] > 0 and followed["n"] > 0
+    whole = r["target_forgotten"]["acc"]
+    parts = (r["target_forgotten_last"]["acc"] * r["target_forgotten_last"]["n"]
+             + r["target_forgotten_followed"]["acc"] * r["target_forgotten_followed"]["n"]) / r["target_forgotten"]["n"]
+    assert parts == pytest.approx(whole)
+    assert r["forgotten_last_minus_floor"]["delta"] == pytest.approx(
+        r["target_forgotten_last"]["acc"] - r["floor_last"]["acc"])

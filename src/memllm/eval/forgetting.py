@@ -19,6 +19,11 @@ exact match, 95% Wilson intervals) and then, per memory:
 - forgetting: the target's updates forgotten (`Memory.forget`), the four asked again: the target's
   accuracy minus the no-memory floor (the target asked against a fresh memory;
   ``forgotten_minus_floor``) and the others' accuracy after over before (``others_kept_ratio``).
+  Forgetting removes the rows an update wrote, not what later updates read from them: the next
+  injection attends to the newest rows, so the person written after the target carries some of it.
+  The target's accuracy after forgetting is therefore also given apart for targets written last (no
+  later injection saw their rows: ``forgotten_last_minus_floor``) and for those followed by another
+  (``forgotten_followed_minus_floor``).
 
 Differences of two accuracies carry Newcombe's interval (hybrid Wilson score); the kept ratio carries
 the conservative bounds of its two Wilson intervals. The last line of output is the JSON summary, one
@@ -86,7 +91,9 @@ def forgetting(model, world, n_people: int = 50, k: int | None = None, seed: int
     pool = world.heldout_people(n_people * k, seed=seed)
     drop = seeded_drop(model, seed, f"forgetting{k}")
     cells = {name: Tally() for name in ("floor", "target", "others", "target_forgotten", "others_after",
-                                        "attribution_top1", "asked_int8_held", *(f"asked_{s}" for s in STORAGE))}
+                                        "target_forgotten_last", "target_forgotten_followed", "floor_last",
+                                        "floor_followed", "attribution_top1", "asked_int8_held",
+                                        *(f"asked_{s}" for s in STORAGE))}
     sizes = {s: 0 for s in STORAGE}
     target_ltm_rows = target_rows = 0
     with evaluating(model), tempfile.TemporaryDirectory() as tmp, \
@@ -105,6 +112,7 @@ def forgetting(model, world, n_people: int = 50, k: int | None = None, seed: int
             truths = [t.strip() for _, _, t in questions]
             owners = [i for i, _, _ in questions]
             target = rng.randrange(ASKED)
+            written = "last" if target == k - 1 else "followed"  # did a later injection read its rows?
 
             def score(answers: list[str], target_cell: str, others: str) -> None:
                 for i, answer, truth in zip(owners, answers, truths):
@@ -116,6 +124,7 @@ def forgetting(model, world, n_people: int = 50, k: int | None = None, seed: int
             floor = answer_words(model, model.new_memory(), [prompts[j] for j in asked], max_new_tokens)
             for answer, j in zip(floor, asked):
                 cells["floor"].add(answer, truths[j])
+                cells[f"floor_{written}"].add(answer, truths[j])
             for i, prompt, answer, truth in zip(owners, prompts, before, truths):
                 if answer == truth:  # attribute the greedy answer, as `ask` gives it
                     why = explain(model, memory, prompt, max_new_tokens=max_new_tokens, chat=False)
@@ -138,13 +147,19 @@ def forgetting(model, world, n_people: int = 50, k: int | None = None, seed: int
                     cells["asked_int8_held"].add(answer, truth)
 
             memory.forget(list(updates[target]), model.initial_pool)
-            score(answer_words(model, memory, prompts, max_new_tokens), "target_forgotten", "others_after")
+            after = answer_words(model, memory, prompts, max_new_tokens)
+            score(after, "target_forgotten", "others_after")
+            for j in asked:
+                cells[f"target_forgotten_{written}"].add(after[j], truths[j])
             tick()
     held = Tally()
     held += cells["target"]
     held += cells["others"]
     out: dict[str, Any] = {"k": k, "memories": n_people, **{name: t.as_dict() for name, t in cells.items()}}
     out["forgotten_minus_floor"] = difference(cells["target_forgotten"], cells["floor"])
+    for written in ("last", "followed"):
+        out[f"forgotten_{written}_minus_floor"] = difference(cells[f"target_forgotten_{written}"],
+                                                             cells[f"floor_{written}"])
     out["others_kept_ratio"] = kept_ratio(cells["others_after"], cells["others"])
     out["target_ltm_share"] = target_ltm_rows / target_rows if target_rows else None
     for storage in ("bfloat16", "int8"):
@@ -167,6 +182,8 @@ def summary(result: dict[str, Any]) -> dict[str, Any]:
     return {
         "forgotten_minus_floor": result["forgotten_minus_floor"]["delta"],
         "forgotten_minus_floor_ci": result["forgotten_minus_floor"]["ci"],
+        "forgotten_last_minus_floor": result["forgotten_last_minus_floor"]["delta"],
+        "forgotten_followed_minus_floor": result["forgotten_followed_minus_floor"]["delta"],
         "others_kept_ratio": result["others_kept_ratio"]["ratio"],
         "others_kept_ratio_ci": result["others_kept_ratio"]["ci"],
         "attribution_top1": result["attribution_top1"]["acc"],
@@ -214,6 +231,10 @@ def print_results(results: dict[str, dict[str, Any]]) -> None:
             ("target, after forgetting", cell(r["target_forgotten"])),
             ("target, no memory (floor)", cell(r["floor"])),
             ("forgotten - floor", interval(r["forgotten_minus_floor"]["delta"], r["forgotten_minus_floor"]["ci"])),
+            (f"  target written last ({r['target_forgotten_last']['n']} questions)",
+             interval(r["forgotten_last_minus_floor"]["delta"], r["forgotten_last_minus_floor"]["ci"])),
+            (f"  target followed by a later write ({r['target_forgotten_followed']['n']})",
+             interval(r["forgotten_followed_minus_floor"]["delta"], r["forgotten_followed_minus_floor"]["ci"])),
             ("3 others, before", cell(r["others"])),
             ("3 others, after", cell(r["others_after"])),
             ("others kept (after / before)", interval(r["others_kept_ratio"]["ratio"], r["others_kept_ratio"]["ci"])),
