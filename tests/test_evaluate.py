@@ -102,9 +102,9 @@ def test_retention_of_the_shipped_model_does_not_depend_on_the_global_rng():
     """The memory drops are seeded by the evaluation's seed: a rerun of the documented command gives
     the same table whatever else drew random numbers before."""
     import memllm
-    from memllm.synthetic.world import WorldConfig
+    from memllm.eval.common import world_for
 
-    model, world = memllm.load("tiny-memoryllm"), World(WorldConfig(seed=0))
+    model, world = memllm.load("tiny-memoryllm"), world_for("tiny-memoryllm")
     runs = []
     for global_seed in (1, 2):
         torch.manual_seed(global_seed)
