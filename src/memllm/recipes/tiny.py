@@ -42,7 +42,8 @@ to bottom:
    EMA weights of the one before, exactly as a run with ``--init`` of that model would (so the chain
    of commands the shipped model came from and the one command give the same weights).
 6. Stage 3, M+ (``train_mplus``): the MemoryLLM model plus a retriever (``mplus_from``), trained the
-   same way with up to ``mplus_max_texts`` texts, every row reading its long-term memory
+   same way with up to ``mplus_max_texts`` texts (3b: then ``mplus_long_max_texts``, so that the asked
+   person is found among many more long-term rows), every row reading its long-term memory
    (``memllm.core.mplus.RowLTM``, exactly as inference does) and the retriever loss on the asked person's
    long-term vectors (so what is retrieved depends on the question); the recall read-back retrieves
    with the biography as its query.
@@ -147,6 +148,8 @@ class Recipe:
     stage3_steps: int = option(1200, "stage 3 (M+, from the trained MemoryLLM model): optimizer steps")
     mplus_lr: float = option(5e-4, "stage 3: peak learning rate")
     mplus_max_texts: int = option(40, "stage 3: texts per memory (5x the short-term capacity)")
+    stage3_long_steps: int = option(600, "stage 3b (M+, from stage 3's EMA weights, longer memories): optimizer steps")
+    mplus_long_max_texts: int = option(100, "stage 3b: texts per memory (12x the short-term capacity)")
     retriever_weight: float = option(1.0, "stage 3: weight of the retriever loss")
 
     @property
@@ -650,6 +653,25 @@ def trainable(model: MemoryModel) -> MemoryModel:
     return model.train()
 
 
+def memory_phases(model: MemoryModel, recipe: Recipe, world: World, tokenizer, people, eval_people,
+                  phases: list[tuple[str, str, Recipe, int]], rng_key: str, draw_seed: int,
+                  lr: float) -> tuple[MemoryModel, dict, list[dict]]:
+    """Memory-stage phases (name, history label, the phase's recipe, steps) in order, each started
+    exactly as a run with `--init` of the model before would start it: the same data streams (`rng_key`,
+    `draw_seed`), a fresh subject head and optimizer, the previous phase's EMA weights. Returns the
+    last weights, the summaries by name and the history."""
+    summaries, history = {}, []
+    for name, label, phase, steps in phases:
+        if not steps:
+            continue
+        rng = random.Random(rng_key)
+        draw = world.people_stream("train", seed=draw_seed).__next__
+        ema, summaries[name], h = memory_stage(model, phase, world, tokenizer, people, eval_people, rng, draw, lr,
+                                               steps, subject_head(model, recipe), label)
+        model, history = trainable(ema), history + h
+    return model, summaries, history
+
+
 def train_memoryllm(recipe: Recipe, out: str | Path) -> dict:
     """Stages 1 and 2 from scratch, or (with `recipe.init`) stage 2 from a saved tiny MemoryLLM
     model (a stage-1 model, or one to continue); the EMA weights saved to `out`."""
@@ -679,18 +701,10 @@ def train_memoryllm(recipe: Recipe, out: str | Path) -> dict:
         save_tiny(model, tokenizer, recipe.stage1_out,
                   {"recipe": asdict(recipe), "world": asdict(world.config), "stage1": s1,
                    "command": f"memllm recipe tiny --kind memoryllm --seed {recipe.seed} --stage1-out DIR"})
-    summaries, history = {}, []
-    for name, phase, steps in (("stage2_read", read_phase(recipe), recipe.stage2_read_steps),
-                               ("stage2", recipe, recipe.stage2_steps)):
-        if not steps:
-            continue
-        # every phase as a fresh process with --init would start it: its data streams, a fresh subject head
-        rng = random.Random(f"tinymodel:{recipe.seed}:continued")
-        draw = world.people_stream("train", seed=recipe.seed + 3000).__next__
-        ema, summaries[name], h = memory_stage(model, phase, world, tokenizer, fixed_people, eval_people, rng, draw,
-                                               recipe.lr, steps, subject_head(model, recipe),
-                                               "2a" if name == "stage2_read" else "2b")
-        model, history = trainable(ema), history + h
+    phases = [("stage2_read", "2a", read_phase(recipe), recipe.stage2_read_steps),
+              ("stage2", "2b", recipe, recipe.stage2_steps)]
+    model, summaries, history = memory_phases(model, recipe, world, tokenizer, fixed_people, eval_people, phases,
+                                              f"tinymodel:{recipe.seed}:continued", recipe.seed + 3000, recipe.lr)
     command = f"memllm recipe tiny --kind memoryllm --seed {recipe.seed}"
     if recipe.init:
         command += f" --init {recipe.init} --stage2-read-steps {recipe.stage2_read_steps}"
@@ -706,8 +720,9 @@ def train_memoryllm(recipe: Recipe, out: str | Path) -> dict:
 
 
 def train_mplus(recipe: Recipe, memoryllm_dir: str | Path, out: str | Path) -> dict:
-    """Stage 3: M+ from the trained MemoryLLM model in `memoryllm_dir`: long-term memory read during
-    training (`RowLTM`), the retriever loss, up to mplus_max_texts texts per memory."""
+    """Stage 3: M+ from the trained MemoryLLM model in `memoryllm_dir` (or an M+ model to continue):
+    long-term memory read during training (`RowLTM`), the retriever loss, up to mplus_max_texts texts
+    per memory; then 3b, up to mplus_long_max_texts."""
     torch.set_num_threads(recipe.threads)
     t0 = time.time()
     recipe = dataclasses.replace(recipe, kind="mplus")
@@ -718,17 +733,18 @@ def train_mplus(recipe: Recipe, memoryllm_dir: str | Path, out: str | Path) -> d
     n_params = sum(p.numel() for p in model.parameters())
     log({"event": "built", "params": n_params, "from": str(memoryllm_dir), **asdict(recipe)})
     world = build_world(recipe)
-    rng = random.Random(f"tinymodel-mplus:{recipe.seed}")
     fixed_people = world.people(recipe.stage1_people, "train", seed=recipe.seed)
     eval_people = world.heldout_people(recipe.eval_people, seed=recipe.seed + 1)
-    draw = world.people_stream("train", seed=recipe.seed + 2000).__next__
-    ema, s3, history = memory_stage(model, recipe, world, tokenizer, fixed_people, eval_people, rng, draw,
-                                    recipe.mplus_lr, recipe.stage3_steps, subject_head(model, recipe), "3")
-    record = {"recipe": asdict(recipe), "world": asdict(world.config), "from": str(memoryllm_dir), "stage3": s3,
-              "history": history,
+    phases = [("stage3", "3", recipe, recipe.stage3_steps),
+              ("stage3_long", "3b", dataclasses.replace(recipe, mplus_max_texts=recipe.mplus_long_max_texts),
+               recipe.stage3_long_steps)]
+    model, summaries, history = memory_phases(model, recipe, world, tokenizer, fixed_people, eval_people, phases,
+                                              f"tinymodel-mplus:{recipe.seed}", recipe.seed + 2000, recipe.mplus_lr)
+    record = {"recipe": asdict(recipe), "world": asdict(world.config), "from": str(memoryllm_dir),
+              "stage3": summaries.get("stage3"), "stage3_long": summaries.get("stage3_long"), "history": history,
               "command": f"memllm recipe tiny --kind mplus --init MEMORYLLM_DIR --seed {recipe.seed}"}
-    path = save_tiny(ema, tokenizer, out, record)
-    summary = {"event": "saved", "out": str(path), "params": n_params, "stage3": s3, "total_s": round(time.time() - t0)}
+    path = save_tiny(model, tokenizer, out, record)
+    summary = {"event": "saved", "out": str(path), "params": n_params, **summaries, "total_s": round(time.time() - t0)}
     log(summary)
     return summary
 
