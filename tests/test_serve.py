@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import socket
 import threading
@@ -17,7 +18,7 @@ from fastapi.testclient import TestClient  # noqa: E402
 from conftest import replay_history  # noqa: E402
 import memllm  # noqa: E402
 from memllm.core.generate import ask_many  # noqa: E402
-from memllm.serve.app import Limits, create_app  # noqa: E402
+from memllm.serve.app import Limits, RequestLimits, create_app  # noqa: E402
 from memllm.serve.store import NotFound, Store, Update, VersionConflict  # noqa: E402
 from memllm.serve.worker import Ask, Inject, Load, Stream, Worker  # noqa: E402
 
@@ -242,6 +243,32 @@ def test_bad_requests_get_clear_errors_and_change_nothing(served):
         assert response.json().get("detail") or response.json().get("error")
     assert store.get("acme", mid).version == 1
     assert store.history("acme", mid) == []
+
+
+def test_a_request_past_the_in_flight_limit_is_refused_and_the_count_recovers():
+    import httpx
+    from starlette.responses import JSONResponse
+
+    release = asyncio.Event()
+
+    async def slow(scope, receive, send):
+        await release.wait()
+        await JSONResponse({"ok": True})(scope, receive, send)
+
+    app = RequestLimits(slow, max_body=1000, max_in_flight=1)
+
+    async def main() -> list[int]:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
+            first = asyncio.create_task(client.get("/"))
+            while app.in_flight == 0:
+                await asyncio.sleep(0.01)
+            second = await asyncio.wait_for(client.get("/"), 10)  # the first is still in flight
+            release.set()
+            return [(await first).status_code, second.status_code, (await client.get("/")).status_code,
+                    (await client.post("/", content=b"x" * 1001)).status_code]
+
+    assert asyncio.run(main()) == [200, 429, 200, 413]
+    assert app.in_flight == 0
 
 
 @pytest.mark.parametrize("n, clients", [(24, 8), (200, 16)])
