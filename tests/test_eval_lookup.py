@@ -272,8 +272,10 @@ def test_a_checkpoint_is_evaluated_on_the_world_its_recipe_names(tmp_path):
 
 def test_integrity_counts_non_finite_rows_and_measures_recall():
     model = random_model(num_layers=2, hidden_size=32, num_heads=2, num_kv_heads=2, intermediate_size=64)
-    r = integrity(model, WORLD, updates=50, points=5, recall_people=2, texts=16)
+    seen: list[dict] = []
+    r = integrity(model, WORLD, updates=50, points=5, recall_people=2, texts=16, on_checkpoint=seen.append)
     assert r["nan_count"] == 0 and r["updates_per_s"] > 0
+    assert seen == r["checkpoints"]  # each reported as it was measured
     # checkpoints at 0, 1, 10, 20, ..., 50 updates or just past (a long text is several updates)
     marks = [c["update"] for c in r["checkpoints"]]
     assert marks[0] == 0 and len(marks) == 7 and marks == sorted(marks) and 50 <= r["updates"] == marks[-1] < 60

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import random
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -46,12 +47,15 @@ def integrity(
     texts: int = 2048,
     max_new_tokens: int = 3,
     progress: Progress | None = None,
+    on_checkpoint: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
     """`updates` memory updates (injections of random distractors and training people's biographies,
     one update each unless a text is longer than the chunk size) into one memory. Every update:
     non-finite values among the rows it wrote. At each checkpoint: row-norm
     mean and max per layer of the pool, and the recall of `recall_people` held-out people (the same
     ones each time), each written into a fork of the memory and asked every attribute at once.
+    `on_checkpoint` receives each checkpoint as it is measured (a run of hours shows its numbers as
+    it goes, and keeps them if stopped).
 
     Returns {"updates", "updates_per_s", "nan_count", "checkpoints": [{"update", "norm_mean": [per
     layer], "norm_max": [...], "recall", "recall_ci"}]} and the summary keys of `integrity_summary`.
@@ -85,6 +89,8 @@ def integrity(
             seconds += time.perf_counter() - start
             checkpoints.append(_integrity_checkpoint(model, memory, done, probe_bios, probe_questions,
                                                      seeded_drop(model, seed, "probe"), max_new_tokens))
+            if on_checkpoint is not None:
+                on_checkpoint(checkpoints[-1])
     out = {"updates": done, "updates_per_s": done / seconds if seconds else None, "nan_count": nan_count,
            "checkpoints": checkpoints}
     out.update(integrity_summary(out))
@@ -144,30 +150,29 @@ def plot_integrity(r: dict[str, Any], path: str | Path) -> None:
     plt.close(fig)
 
 
-def print_checkpoints(r: dict[str, Any]) -> None:
-    """One line per checkpoint: recall with its 95% interval, pool row norms, non-finite values."""
-    console = Console(width=120)
-    for c in r["checkpoints"]:
-        lo, hi = c["recall_ci"]
-        console.print(f"update {c['update']:>8}: recall {c['recall']:.3f} [{lo:.2f}, {hi:.2f}]"
-                      f"  row norm mean {sum(c['norm_mean']) / len(c['norm_mean']):.3f}  max {max(c['norm_max']):.3f}"
-                      f"  non-finite {c['nonfinite_in_pool']}")
+def checkpoint_line(c: dict[str, Any]) -> str:
+    """One checkpoint: recall with its 95% interval, pool row norms, non-finite values."""
+    lo, hi = c["recall_ci"]
+    return (f"update {c['update']:>8}: recall {c['recall']:.3f} [{lo:.2f}, {hi:.2f}]"
+            f"  row norm mean {sum(c['norm_mean']) / len(c['norm_mean']):.3f}  max {max(c['norm_max']):.3f}"
+            f"  non-finite {c['nonfinite_in_pool']}")
 
 
 def evaluate_integrity(checkpoint: str, updates: int = 100_000, points: int = 20, recall_people: int = 50,
                        seed: int = 0, world_seed: int = 0, plot: str | None = "integrity.png",
                        threads: int = 2) -> dict[str, Any]:
     """`memllm eval integrity`: `integrity` of a checkpoint on the world it was trained on (with
-    `world_seed` when recipe.json does not name it), a progress bar, the checkpoint lines and the plot
+    `world_seed` when recipe.json does not name it), a progress bar, a line per checkpoint as it is measured, the plot
     (none for an empty `plot`). Raises CheckpointError or OSError for a checkpoint that cannot be loaded."""
     from memllm.core.checkpoint import load
 
     torch.set_num_threads(threads)
     model = load(checkpoint)
+    console = Console(width=120)  # stdout, where the tables go; the bar is on stderr
     with progress_bar() as bar:
         out = integrity(model, world_for(checkpoint, world_seed), updates=updates, points=points,
-                        recall_people=recall_people, seed=seed, progress=bar)
-    print_checkpoints(out)
+                        recall_people=recall_people, seed=seed, progress=bar,
+                        on_checkpoint=lambda c: console.print(checkpoint_line(c), highlight=False))
     if plot:
         plot_integrity(out, plot)
     return out
