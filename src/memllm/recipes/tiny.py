@@ -42,8 +42,9 @@ to bottom:
    EMA weights of the one before, exactly as a run with ``--init`` of that model would (so the chain
    of commands the shipped model came from and the one command give the same weights).
 6. Stage 3, M+ (``train_mplus``): the MemoryLLM model plus a retriever (``mplus_from``), trained the
-   same way with up to ``mplus_max_texts`` texts (3b: then ``mplus_long_max_texts``, so that the asked
-   person is found among many more long-term rows), every row reading its long-term memory
+   same way with up to ``mplus_max_texts`` texts (3b and 3c: then ``mplus_long_max_texts`` and
+   ``mplus_longer_max_texts``, so that the asked person is found among many more long-term rows),
+   every row reading its long-term memory
    (``memllm.core.mplus.RowLTM``, exactly as inference does) and the retriever loss on the asked person's
    long-term vectors (so what is retrieved depends on the question); the recall read-back retrieves
    with the biography as its query.
@@ -150,6 +151,8 @@ class Recipe:
     mplus_max_texts: int = option(40, "stage 3: texts per memory (5x the short-term capacity)")
     stage3_long_steps: int = option(600, "stage 3b (M+, from stage 3's EMA weights, longer memories): optimizer steps")
     mplus_long_max_texts: int = option(100, "stage 3b: texts per memory (12x the short-term capacity)")
+    stage3_longer_steps: int = option(700, "stage 3c (M+, from 3b's EMA weights, longer still): optimizer steps")
+    mplus_longer_max_texts: int = option(128, "stage 3c: texts per memory (16x the short-term capacity)")
     retriever_weight: float = option(1.0, "stage 3: weight of the retriever loss")
 
     @property
@@ -722,7 +725,7 @@ def train_memoryllm(recipe: Recipe, out: str | Path) -> dict:
 def train_mplus(recipe: Recipe, memoryllm_dir: str | Path, out: str | Path) -> dict:
     """Stage 3: M+ from the trained MemoryLLM model in `memoryllm_dir` (or an M+ model to continue):
     long-term memory read during training (`RowLTM`), the retriever loss, up to mplus_max_texts texts
-    per memory; then 3b, up to mplus_long_max_texts."""
+    per memory; then 3b, up to mplus_long_max_texts, and 3c, up to mplus_longer_max_texts."""
     torch.set_num_threads(recipe.threads)
     t0 = time.time()
     recipe = dataclasses.replace(recipe, kind="mplus")
@@ -737,11 +740,13 @@ def train_mplus(recipe: Recipe, memoryllm_dir: str | Path, out: str | Path) -> d
     eval_people = world.heldout_people(recipe.eval_people, seed=recipe.seed + 1)
     phases = [("stage3", "3", recipe, recipe.stage3_steps),
               ("stage3_long", "3b", dataclasses.replace(recipe, mplus_max_texts=recipe.mplus_long_max_texts),
-               recipe.stage3_long_steps)]
+               recipe.stage3_long_steps),
+              ("stage3_longer", "3c", dataclasses.replace(recipe, mplus_max_texts=recipe.mplus_longer_max_texts),
+               recipe.stage3_longer_steps)]
     model, summaries, history = memory_phases(model, recipe, world, tokenizer, fixed_people, eval_people, phases,
                                               f"tinymodel-mplus:{recipe.seed}", recipe.seed + 2000, recipe.mplus_lr)
     record = {"recipe": asdict(recipe), "world": asdict(world.config), "from": str(memoryllm_dir),
-              "stage3": summaries.get("stage3"), "stage3_long": summaries.get("stage3_long"), "history": history,
+              **{name: summaries.get(name) for name in ("stage3", "stage3_long", "stage3_longer")}, "history": history,
               "command": f"memllm recipe tiny --kind mplus --init MEMORYLLM_DIR --seed {recipe.seed}"}
     path = save_tiny(model, tokenizer, out, record)
     summary = {"event": "saved", "out": str(path), "params": n_params, **summaries, "total_s": round(time.time() - t0)}
