@@ -174,4 +174,9 @@ def test_train_and_recipe_tiny_build_their_configs_from_the_options(monkeypatch,
     assert recipes == [(tiny.Recipe(kind="memoryllm", stage1_steps=5, lr=0.01), tmp_path)]
     assert run("recipe", "tiny", "--out", str(tmp_path), "--kind", "neither").exit_code == 2
     assert run("recipe", "tiny").exit_code == 2  # --out is required
-    assert len(recipes) == 1 and len(configs) == 1
+    r = run("recipe", "tiny", "--out", str(tmp_path), "--mplus-phases", "10:40", "--mplus-phases", "5:80")
+    assert r.exit_code == 0 and recipes[-1][0].mplus_phases == ["10:40", "5:80"], r.output
+    for bad in ("12", "5:0", "a:b"):  # the config's own check, one line, before any training
+        r = run("recipe", "tiny", "--out", str(tmp_path), "--mplus-phases", bad)
+        assert r.exit_code == 2 and "--mplus-phases" in r.output and "Traceback" not in r.output, r.output
+    assert len(recipes) == 2 and len(configs) == 1

@@ -19,7 +19,7 @@ from memllm.train.loop import SingleProcess, fit, make_optimizer
 
 SMALL = {"hidden_size": 32, "num_layers": 2, "num_heads": 2, "intermediate_size": 64, "num_tokens": 32,
          "stm_blocks": 3, "ltm_blocks": 1, "stage1_people": 50, "stage1_batch": 8, "batch": 4,
-         "max_texts": 4, "mplus_max_texts": 8, "tokenizer_docs": 300, "eval_people": 8, "threads": 1}
+         "max_texts": 4, "tokenizer_docs": 300, "eval_people": 8, "threads": 1}
 
 
 @cache
@@ -221,15 +221,16 @@ def test_rerun_with_the_same_seed_and_steps_is_bit_identical(tmp_path):
     # for three of the four, and stage 2a's 3 steps are not checked).
     # No replay steps in the memory stages: at this scale a replay step's subject loss (a fresh head in
     # stage 3) outweighs ten memory steps; stage 1 runs the same lookup batches.
-    scale = {**SMALL, "batch": 8, "mplus_max_texts": 4, "stranger_share": 0.0, "replay_every": 0}
+    scale = {**SMALL, "batch": 8, "stranger_share": 0.0, "replay_every": 0}
     recipe = tm.Recipe(seed=0, stage1_steps=6, stage1_bio_steps=6, stage1_gate=0.0, stage2_read_steps=3, stage2_steps=30,
-                       stage3_steps=20, stage3_long_steps=2, mplus_long_max_texts=6, stage3_longer_steps=2,
-                       mplus_longer_max_texts=7, warmup_steps=2, stage1_lr=1e-2,
+                       mplus_phases=["20:4", "2:6", "3:7"], warmup_steps=2, stage1_lr=1e-2,
                        lr=1e-2, mplus_lr=1e-2, ema=0.5, eval_every=100,
                        **scale)
     first = tm.run(recipe, tmp_path / "a")
     second = tm.run(recipe, tmp_path / "b")
-    for kind, stages in (("memoryllm", ("stage1", "stage2_read", "stage2")), ("mplus", ("stage3", "stage3_long", "stage3_longer"))):
+    steps = {"stage1": recipe.stage1_steps + recipe.stage1_bio_steps, "stage2_read": 3, "stage2": 30, "stage3": 20,
+             "stage3b": 2, "stage3c": 3}
+    for kind, stages in (("memoryllm", ("stage1", "stage2_read", "stage2")), ("mplus", ("stage3", "stage3b", "stage3c"))):
         a, b = _weights(tmp_path / "a" / kind), _weights(tmp_path / "b" / kind)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
         record = json.loads((tmp_path / "a" / kind / "recipe.json").read_text())
@@ -238,9 +239,8 @@ def test_rerun_with_the_same_seed_and_steps_is_bit_identical(tmp_path):
             summary = record[stage]
             assert summary == first[kind][stage]
             assert summary["data_sha256"] == second[kind][stage]["data_sha256"]
-            steps = recipe.stage1_steps + recipe.stage1_bio_steps if stage == "stage1" else getattr(recipe, f"{stage}_steps")
-            assert summary["steps"] == steps >= 1 and not summary["capped_by_minutes"]
-            if stage not in ("stage2_read", "stage3_long", "stage3_longer"):  # 3 and 2 steps
+            assert summary["steps"] == steps[stage] and not summary["capped_by_minutes"]
+            if stage not in ("stage2_read", "stage3b", "stage3c"):  # 2-3 steps
                 assert summary["loss"]["last"] < summary["loss"]["first"], (stage, summary["loss"])
         model = load(tmp_path / "a" / kind)
         assert model.tokenizer is not None and model.config.kind == kind
@@ -314,17 +314,16 @@ def test_one_command_gives_the_weights_of_the_chain_of_commands(tmp_path):
     assert one.keys() == chain.keys() and all(torch.equal(one[k], chain[k]) for k in one)
     before = _weights(tmp_path / "s1")  # and the phases did train
     assert not all(torch.equal(one[k], before[k]) for k in one)
-    # M+: stages 3, 3b and 3c in one run, or each with --init of the model before (3c run as the
-    # shipped model's chain ran it: a 3b-only command with 3c's settings)
-    mplus = dataclasses.replace(base, kind="mplus", init=str(tmp_path / "one"), stage3_steps=2, stage3_long_steps=2,
-                                stage3_longer_steps=2, mplus_max_texts=5, mplus_long_max_texts=7,
-                                mplus_longer_max_texts=9)
-    tm.run(mplus, tmp_path / "3+3b+3c")
-    tm.run(dataclasses.replace(mplus, stage3_long_steps=0, stage3_longer_steps=0), tmp_path / "3")
-    tm.run(dataclasses.replace(mplus, init=str(tmp_path / "3"), stage3_steps=0, stage3_longer_steps=0, eval_every=1),
-           tmp_path / "3b")
-    tm.run(dataclasses.replace(mplus, init=str(tmp_path / "3b"), stage3_steps=0, stage3_longer_steps=0,
-                               mplus_long_max_texts=9), tmp_path / "3c")
+    # M+: stages 3, 3b and 3c in one run, or each with --init of the model before
+    mplus = dataclasses.replace(base, kind="mplus", init=str(tmp_path / "one"), mplus_phases=["2:5", "2:7", "2:9"])
+    one_run = tm.run(mplus, tmp_path / "3+3b+3c")
+    tm.run(dataclasses.replace(mplus, mplus_phases=["2:5"]), tmp_path / "3")
+    tm.run(dataclasses.replace(mplus, init=str(tmp_path / "3"), mplus_phases=["2:7"], eval_every=1), tmp_path / "3b")
+    tm.run(dataclasses.replace(mplus, init=str(tmp_path / "3b"), mplus_phases=["2:9"]), tmp_path / "3c")
+    record = json.loads((tmp_path / "3+3b+3c" / "recipe.json").read_text())
+    assert [record[s]["steps"] for s in ("stage3", "stage3b", "stage3c")] == [2, 2, 2] == \
+        [one_run[s]["steps"] for s in ("stage3", "stage3b", "stage3c")]
+    assert record["command"].endswith("--mplus-phases 2:5 --mplus-phases 2:7 --mplus-phases 2:9")
     one, chain, first = _weights(tmp_path / "3+3b+3c"), _weights(tmp_path / "3c"), _weights(tmp_path / "3b")
     assert one.keys() == chain.keys() and all(torch.equal(one[k], chain[k]) for k in one)
     assert not all(torch.equal(one[k], first[k]) for k in one)

@@ -577,7 +577,11 @@ def dataclass_command(
     def command(**values: Any) -> object:
         extras = {name: values.pop(name) for name in extra_names}
         fields = {k: v.value if isinstance(v, enum.Enum) else v for k, v in values.items()}
-        return run(cls(**fields), **extras)
+        try:
+            config = cls(**fields)
+        except ValueError as e:  # the config's own checks: one line naming the option
+            _fail(str(e), 2)
+        return run(config, **extras)
 
     command.__signature__ = inspect.Signature([*params, *extra])  # type: ignore[attr-defined]
     command.__doc__ = doc if doc is not None else inspect.getdoc(cls)

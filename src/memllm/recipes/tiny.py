@@ -42,9 +42,9 @@ to bottom:
    EMA weights of the one before, exactly as a run with ``--init`` of that model would (so the chain
    of commands the shipped model came from and the one command give the same weights).
 6. Stage 3, M+ (``train_mplus``): the MemoryLLM model plus a retriever (``mplus_from``), trained the
-   same way with up to ``mplus_max_texts`` texts (3b and 3c: then ``mplus_long_max_texts`` and
-   ``mplus_longer_max_texts``, so that the asked person is found among many more long-term rows),
-   every row reading its long-term memory
+   same way in phases (``mplus_phases``: 3, 3b, 3c, ..., each STEPS:TEXTS) with ever more texts per
+   memory (so that the asked person is found among many more long-term rows), every row reading its
+   long-term memory
    (``memllm.core.mplus.RowLTM``, exactly as inference does) and the retriever loss on the asked person's
    long-term vectors (so what is retrieved depends on the question); the recall read-back retrieves
    with the biography as its query.
@@ -146,14 +146,17 @@ class Recipe:
     eval_every: int = option(200, "stages 2-3: steps between held-out evaluations")
     eval_people: int = option(64, "held-out people per evaluation")
     threads: int = option(1, "torch threads (on the shared 2-core machine 2 threads ran 8x slower than 1)")
-    stage3_steps: int = option(1200, "stage 3 (M+, from the trained MemoryLLM model): optimizer steps")
-    mplus_lr: float = option(5e-4, "stage 3: peak learning rate")
-    mplus_max_texts: int = option(40, "stage 3: texts per memory (5x the short-term capacity)")
-    stage3_long_steps: int = option(600, "stage 3b (M+, from stage 3's EMA weights, longer memories): optimizer steps")
-    mplus_long_max_texts: int = option(100, "stage 3b: texts per memory (12x the short-term capacity)")
-    stage3_longer_steps: int = option(700, "stage 3c (M+, from 3b's EMA weights, longer still): optimizer steps")
-    mplus_longer_max_texts: int = option(128, "stage 3c: texts per memory (16x the short-term capacity)")
+    mplus_phases: list[str] = option(
+        ["1200:40", "600:100", "700:128"],
+        "stage 3 (M+, from the trained MemoryLLM model): its phases 3, 3b, 3c, ... in order as STEPS:TEXTS, "
+        "given once per phase: optimizer steps, and 1..TEXTS texts per memory (40 = 5x the short-term capacity; "
+        "longer memories after, so that the asked person is found among more long-term rows); each phase "
+        "starts from the EMA weights of the one before")
+    mplus_lr: float = option(5e-4, "stage 3: peak learning rate of every phase")
     retriever_weight: float = option(1.0, "stage 3: weight of the retriever loss")
+
+    def __post_init__(self) -> None:
+        stage3_phases(self)  # a malformed phase fails here, not after hours of stages 1-2
 
     @property
     def pool_size(self) -> int:
@@ -586,8 +589,8 @@ def stage1(model: MemoryModel, recipe: Recipe, world: World, tokenizer, draw, ev
 def memory_stage(model: MemoryModel, recipe: Recipe, world: World, tokenizer, people, eval_people, rng,
                  draw, lr: float, steps: int, subject: SubjectHead,
                  stage: str) -> tuple[MemoryModel, dict, list[dict]]:
-    """Memory training on fresh people (stage 2, or stage 3 for M+): 1..max_texts texts per memory
-    (M+: mplus_max_texts), the asked person's biography at a uniformly random injection, with an
+    """Memory training on fresh people (stage 2, or a phase of stage 3 for M+): 1..max_texts texts per
+    memory, the asked person's biography at a uniformly random injection, with an
     in-context step every `replay_every`-th step; returns the EMA weights, a summary and the eval
     history (its records labelled `stage`). The summary's loss trend is the answer loss of the memory
     steps."""
@@ -600,7 +603,7 @@ def memory_stage(model: MemoryModel, recipe: Recipe, world: World, tokenizer, pe
     def next_batch(step: int, micro: int) -> LookupBatch | MemoryBatch:
         if recipe.replay_every and step % recipe.replay_every == recipe.replay_every - 1:
             return lookup_batch(world, recipe, tokenizer, rng, lambda: rng.choice(people), recipe.stage1_batch)
-        n = rng.randint(1, recipe.mplus_max_texts if mplus else recipe.max_texts)
+        n = rng.randint(1, recipe.max_texts)
         return memory_batch(world, recipe, tokenizer, draw, rng, recipe.batch, n, rng.randrange(n), model.num_layers,
                             model.config.num_memory_tokens, model.config.num_tokens)
 
@@ -722,10 +725,25 @@ def train_memoryllm(recipe: Recipe, out: str | Path) -> dict:
     return summary
 
 
+def stage3_phases(recipe: Recipe) -> list[tuple[str, int, int]]:
+    """`recipe.mplus_phases` as (label, steps, max texts): labels 3, 3b, 3c, ... Raises ValueError
+    naming a malformed phase."""
+    phases = []
+    for i, spec in enumerate(recipe.mplus_phases):
+        try:
+            steps, texts = (int(part) for part in spec.split(":"))
+        except ValueError:
+            raise ValueError(f"--mplus-phases takes STEPS:TEXTS (e.g. 600:100), not {spec!r}") from None
+        if steps < 0 or texts < 1:
+            raise ValueError(f"--mplus-phases {spec!r}: steps must be >= 0 and texts >= 1")
+        phases.append(("3" + ("" if i == 0 else chr(ord("a") + i)), steps, texts))
+    return phases
+
+
 def train_mplus(recipe: Recipe, memoryllm_dir: str | Path, out: str | Path) -> dict:
     """Stage 3: M+ from the trained MemoryLLM model in `memoryllm_dir` (or an M+ model to continue):
-    long-term memory read during training (`RowLTM`), the retriever loss, up to mplus_max_texts texts
-    per memory; then 3b, up to mplus_long_max_texts, and 3c, up to mplus_longer_max_texts."""
+    long-term memory read during training (`RowLTM`), the retriever loss; its phases (3, 3b, ...) with
+    ever longer memories."""
     torch.set_num_threads(recipe.threads)
     t0 = time.time()
     recipe = dataclasses.replace(recipe, kind="mplus")
@@ -738,16 +756,14 @@ def train_mplus(recipe: Recipe, memoryllm_dir: str | Path, out: str | Path) -> d
     world = build_world(recipe)
     fixed_people = world.people(recipe.stage1_people, "train", seed=recipe.seed)
     eval_people = world.heldout_people(recipe.eval_people, seed=recipe.seed + 1)
-    phases = [("stage3", "3", recipe, recipe.stage3_steps),
-              ("stage3_long", "3b", dataclasses.replace(recipe, mplus_max_texts=recipe.mplus_long_max_texts),
-               recipe.stage3_long_steps),
-              ("stage3_longer", "3c", dataclasses.replace(recipe, mplus_max_texts=recipe.mplus_longer_max_texts),
-               recipe.stage3_longer_steps)]
+    phases = [(f"stage{label}", label, dataclasses.replace(recipe, max_texts=texts), steps)
+              for label, steps, texts in stage3_phases(recipe)]
     model, summaries, history = memory_phases(model, recipe, world, tokenizer, fixed_people, eval_people, phases,
                                               f"tinymodel-mplus:{recipe.seed}", recipe.seed + 2000, recipe.mplus_lr)
+    command = f"memllm recipe tiny --kind mplus --init MEMORYLLM_DIR --seed {recipe.seed}"
+    command += "".join(f" --mplus-phases {spec}" for spec in recipe.mplus_phases)
     record = {"recipe": asdict(recipe), "world": asdict(world.config), "from": str(memoryllm_dir),
-              **{name: summaries.get(name) for name in ("stage3", "stage3_long", "stage3_longer")}, "history": history,
-              "command": f"memllm recipe tiny --kind mplus --init MEMORYLLM_DIR --seed {recipe.seed}"}
+              **{name: summaries.get(name) for name, *_ in phases}, "history": history, "command": command}
     path = save_tiny(model, tokenizer, out, record)
     summary = {"event": "saved", "out": str(path), "params": n_params, **summaries, "total_s": round(time.time() - t0)}
     log(summary)

@@ -18,6 +18,8 @@ def option(default: Any = dataclasses.MISSING, help: str = "", choices: tuple[st
     metadata: dict[str, Any] = {"help": help}
     if choices is not None:
         metadata["choices"] = choices
+    if isinstance(default, list):  # each instance gets its own copy
+        return dataclasses.field(default_factory=lambda: list(default), metadata=metadata)
     return dataclasses.field(default=default, metadata=metadata)
 
 
@@ -26,7 +28,9 @@ def config_help(cls: type) -> dict[str, str]:
     out = {}
     for f in dataclasses.fields(cls):
         text = f.metadata.get("help", "")
-        if f.default is not dataclasses.MISSING and f.default is not None and f.default != "":
-            text = f"{text} (default {f.default})".strip()
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        if default is not dataclasses.MISSING and default is not None and default != "" and default != []:
+            shown = " ".join(map(str, default)) if isinstance(default, list) else default
+            text = f"{text} (default {shown})".strip()
         out[f.name] = text
     return out
