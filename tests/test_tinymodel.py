@@ -368,3 +368,21 @@ def test_stage1_loss_decreases():
                  lambda lb: objectives.lookup_qa(model, lb, recipe.context_lm_weight, subject)[0], end=40)
     assert result.step == 40 and len(result.losses) == 40
     assert sum(result.losses[-5:]) / 5 < sum(result.losses[:5]) / 5 - 0.5
+
+
+def test_the_recipe_defaults_are_what_the_shipped_models_record():
+    """`memllm recipe tiny` without options is the recipe each shipped model's recipe.json records (for
+    tiny-memoryllm: every field its stages read; its M+ fields changed after it was trained)."""
+    from memllm.core.checkpoint import resolve
+
+    for name, kind in (("tiny-memoryllm", "memoryllm"), ("tiny-mplus", "mplus")):
+        recorded = json.loads((resolve(name) / "recipe.json").read_text())["recipe"]
+        defaults = dataclasses.asdict(tm.Recipe(kind=kind))
+        if kind == "memoryllm":
+            recorded, defaults = ({k: v for k, v in d.items() if not k.startswith(("mplus", "stage3"))}
+                                  for d in (recorded, defaults))
+        assert recorded == defaults, name
+    record = json.loads((resolve("tiny-mplus") / "recipe.json").read_text())
+    labels = [label for label, _, _ in tm.stage3_phases(tm.Recipe())]
+    assert [record[f"stage{label}"]["steps"] for label in labels] == [1200, 600, 700, 400]
+    assert [h["stage"] for h in record["history"]][-1] == labels[-1] == "3d"

@@ -44,7 +44,7 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be loaded as a memory model; the message says why."""
 
 
-# Our own tiny models (`python -m memllm.recipes.tiny`), shipped inside the package: loadable by name.
+# Our own tiny models (`memllm recipe tiny`), shipped inside the package: loadable by name.
 SHIPPED = {"tiny-memoryllm": "memoryllm", "tiny-mplus": "mplus"}
 
 
@@ -53,7 +53,7 @@ def shipped_path(name: str) -> Path:
     path = Path(__file__).parents[1] / "recipes" / "assets" / "tiny" / SHIPPED[name]  # package data, not an import
     if not (path / "config.json").is_file():
         raise CheckpointError(f"{name} is not in this installation ({path} is missing); "
-                              "`python -m memllm.recipes.tiny --out DIR` trains it")
+                              "`memllm recipe tiny --out DIR` trains it")
     return path
 
 

@@ -147,7 +147,7 @@ class Recipe:
     eval_people: int = option(64, "held-out people per evaluation")
     threads: int = option(1, "torch threads (on the shared 2-core machine 2 threads ran 8x slower than 1)")
     mplus_phases: list[str] = option(
-        ["1200:40", "600:100", "700:128"],
+        ["1200:40", "600:100", "700:128", "400:160"],
         "stage 3 (M+, from the trained MemoryLLM model): its phases 3, 3b, 3c, ... in order as STEPS:TEXTS, "
         "given once per phase: optimizer steps, and 1..TEXTS texts per memory (40 = 5x the short-term capacity; "
         "longer memories after, so that the asked person is found among more long-term rows); each phase "
