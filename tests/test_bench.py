@@ -46,6 +46,29 @@ def test_run_bench_returns_every_number():
     json.dumps(result)
 
 
+def test_bfloat16_runs_the_model_in_it_and_measures_the_machine_in_it(monkeypatch):
+    """--dtype bfloat16: weights, memory (M+: long-term rows too) in bfloat16, and the bounds counted at
+    2 bytes an element against rates measured in bfloat16."""
+    from memllm.bench import machine
+
+    seen = []
+    real_measure = machine.measure
+    monkeypatch.setattr(bench, "measure", lambda threads, dtype, **kw: seen.append(dtype) or real_measure(
+        threads, dtype, gemm_size=64, read_mib=4, repeats=1, **kw))
+    for extra in ({}, {"num_ltm_blocks": 1, "ltm_rows": 32}):
+        cfg = bench.BenchConfig(**TINY, **extra, dtype="bfloat16")
+        model = bench.build_model(cfg)
+        memory = bench.new_memory(model, cfg)
+        assert {p.dtype for p in model.parameters()} == {torch.bfloat16} and memory.pool.dtype == torch.bfloat16
+        result = bench.run_bench(repeats=1, threads=1, config=cfg)
+        assert result["config"]["dtype"] == "bfloat16" and result["inject_512_s"] > 0
+        float32 = ModelShape.of(model.lm.config)
+        assert result["machine"]["decode_mb_per_token"] == pytest.approx(
+            decode_bytes(float32, cfg.prefix_tokens + cfg.prompt_tokens + cfg.new_tokens / 2) / 2 / 1e6, abs=0.06)
+    assert seen == [torch.bfloat16, torch.bfloat16]
+    assert CliRunner().invoke(app, ["bench", "--dtype", "float16"]).exit_code == 2
+
+
 def test_the_command_prints_json_last_line():
     argv = ["bench", "--repeats", "1", "--markdown", "--inject-rss-chars", "0"]
     for name, value in TINY.items():

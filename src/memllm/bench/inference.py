@@ -1,7 +1,7 @@
 """Benchmark: reading from and writing into memory on the configuration the authors' code was timed on.
 
 A random-weight Llama (hidden 512, 8 layers, 8 heads / 4 key-value heads, intermediate 1408,
-vocabulary 32,000), K = 256, N = 2,048 memory vectors per layer (num_blocks 8), float32, sdpa
+vocabulary 32,000), K = 256, N = 2,048 memory vectors per layer (num_blocks 8), float32 (`dtype`: or bfloat16), sdpa
 attention, 2 torch threads. Measured, as medians over ``repeats`` runs after one warm-up run:
 
 - time to first token (TTFT) of a 64-token prompt: one ``generate(max_new_tokens=1)``, i.e. the
@@ -68,6 +68,13 @@ class BenchConfig:
     context_tokens: int = _size(512, "tokens of the context injected")
     num_ltm_blocks: int = _size(0, "M+: R / K long-term blocks retrieved per layer (0: MemoryLLM; the authors' M+: 2)")
     ltm_rows: int = _size(4096, "M+: random long-term vectors stored per layer, searched exactly")
+    dtype: str = field(default="float32", metadata={
+        "help": "weights, memory and activations (the authors' timed configuration: float32); the machine's "
+                "GEMM and matrix-vector rates are measured in it too", "choices": ("float32", "bfloat16")})
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return {"float32": torch.float32, "bfloat16": torch.bfloat16}[self.dtype]
 
     @property
     def memory_tokens(self) -> int:
@@ -86,7 +93,7 @@ class BenchConfig:
 
 
 def build_model(cfg: BenchConfig, seed: int = 0):
-    """A random-weight (seeded) float32 memory model with an initialised memory prefix (M+ when
+    """A random-weight (seeded) memory model in `cfg.dtype` with an initialised memory prefix (M+ when
     `num_ltm_blocks`: the authors' timed M+ settings, selector width 64, merges every 4 injections)."""
     from memllm.core.tiny import random_model
 
@@ -103,7 +110,7 @@ def build_model(cfg: BenchConfig, seed: int = 0):
     )
     model.lm.generation_config.eos_token_id = None  # always generate the requested number of tokens
     model.lm.generation_config.pad_token_id = 0
-    return model.eval()
+    return model.to(cfg.torch_dtype).eval()
 
 
 def new_memory(model, cfg: BenchConfig, seed: int = 0):
@@ -117,7 +124,7 @@ def new_memory(model, cfg: BenchConfig, seed: int = 0):
         g = torch.Generator().manual_seed(seed + 2)
         tensors = {}
         for l in range(cfg.num_layers):
-            rows = torch.randn(cfg.ltm_rows, cfg.hidden_size, generator=g) * 0.02  # [M, d]
+            rows = (torch.randn(cfg.ltm_rows, cfg.hidden_size, generator=g) * 0.02).to(cfg.torch_dtype)  # [M, d]
             tensors[f"ltm.{l}"] = rows
             tensors[f"ltm_keys.{l}"] = retrieval_keys(model, l, rows).float()  # [M, s]
             tensors[f"ltm_ages.{l}"] = torch.arange(cfg.ltm_rows, 0, -1, dtype=torch.float32)
@@ -198,8 +205,8 @@ def _run(cfg: BenchConfig, repeats: int, seed: int) -> dict:
 
     import transformers
 
-    rates = measure(torch.get_num_threads(), gemv_cols=cfg.hidden_size)
-    shape = ModelShape.of(model.lm.config)
+    rates = measure(torch.get_num_threads(), cfg.torch_dtype, gemv_cols=cfg.hidden_size)
+    shape = ModelShape.of(model.lm.config, cfg.torch_dtype)
     P, T, n, R = cfg.prefix_tokens, cfg.prompt_tokens, cfg.new_tokens, cfg.retrieved_tokens
     decode_s = (gen_reused - ttft_reused) / max(1, n - 1)
     # a decoded token reads the cache of P + T + i positions, i = 1..n-1: on average P + T + n / 2
@@ -244,7 +251,7 @@ def _run(cfg: BenchConfig, repeats: int, seed: int) -> dict:
         "threads": torch.get_num_threads(),
         "seed": seed,
         "config": {**asdict(cfg), "memory_tokens": cfg.memory_tokens, "kind": model.config.kind,
-                   "retrieval_mode": model.retrieval_mode, "dtype": "float32",
+                   "retrieval_mode": model.retrieval_mode,
                    "attn_implementation": model.lm.config._attn_implementation},
         "torch": torch.__version__,
         "transformers": transformers.__version__,
@@ -299,7 +306,7 @@ def print_table(result: dict, file=None) -> None:
     file = file or sys.stdout
     c, m = result["config"], result["machine"]
     title = (f"memllm bench: hidden {c['hidden_size']}, {c['num_layers']} layers, {c['num_heads']}/"
-             f"{c['num_kv_heads']} heads, K={c['num_tokens']}, N={c['memory_tokens']}, float32, "
+             f"{c['num_kv_heads']} heads, K={c['num_tokens']}, N={c['memory_tokens']}, {c['dtype']}, "
              f"{result['threads']} threads, median of {result['repeats']}; machine: "
              f"{m['gemm_gflop_s']} GFLOP/s GEMM, {m['read_gb_s']} GB/s read")
     headers = ("measurement", "memllm", "machine's bound", "fraction of bound")

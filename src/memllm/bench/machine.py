@@ -26,9 +26,9 @@ class MachineRates:
     """Best rates seen at `threads` torch threads (the bounds: no run of the model can beat them)."""
 
     threads: int
-    gemm_flop_s: float  # float32 (or `dtype`) square matrix product
+    gemm_flop_s: float  # square matrix product in `measure`'s dtype
     read_bytes_s: float  # streaming read: the better of a reduction and a matrix-vector product
-    gemv_bytes_s: float  # the matrix-vector product alone, rows `gemv_cols` wide: decoding's kernel
+    gemv_bytes_s: float  # the matrix-vector product alone (same dtype), rows `gemv_cols` wide: decoding's kernel
 
 
 @dataclass(frozen=True)
@@ -71,8 +71,8 @@ def _best(fn, repeats: int) -> float:
 
 def measure(threads: int, dtype: torch.dtype = torch.float32, gemm_size: int = 1024, read_mib: int = 256,
             repeats: int = 5, gemv_cols: int = 4096) -> MachineRates:
-    """Time a square GEMM and streaming reads of `read_mib` MiB (far beyond the caches) at `threads`
-    threads, on CPU; the best of `repeats` runs each. `gemv_cols`: the width of the matrix-vector
+    """Time a square GEMM in `dtype` and streaming reads of `read_mib` MiB (far beyond the caches) at
+    `threads` threads, on CPU; the best of `repeats` runs each. `gemv_cols`: the width of the matrix-vector
     product's rows (a model's hidden size: narrow rows are read more slowly than a plain stream)."""
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -83,11 +83,12 @@ def measure(threads: int, dtype: torch.dtype = torch.float32, gemm_size: int = 1
         gemm = 2 * gemm_size**3 / _best(lambda: torch.mm(a, b), repeats)
         del a, b
         cols = gemv_cols
-        matrix = torch.ones(read_mib * 2**20 // (4 * cols), cols)  # float32 rows
-        vector = torch.ones(cols)
+        matrix = torch.ones(read_mib * 2**20 // (4 * cols), cols)  # float32 rows: a plain streaming read
         nbytes = matrix.numel() * matrix.element_size()
         reduce = nbytes / _best(lambda: matrix.sum(), repeats)
-        gemv = nbytes / _best(lambda: torch.mv(matrix, vector), repeats)
+        matrix = matrix.to(dtype)  # the matrix-vector product in the model's dtype
+        vector = torch.ones(cols, dtype=dtype)
+        gemv = matrix.numel() * matrix.element_size() / _best(lambda: torch.mv(matrix, vector), repeats)
     finally:
         torch.set_num_threads(previous)
     return MachineRates(threads=threads, gemm_flop_s=gemm, read_bytes_s=max(reduce, gemv), gemv_bytes_s=gemv)
