@@ -121,3 +121,23 @@ def test_a_batch_is_its_rows_applied_one_by_one() -> None:
             for x, y in zip(batched, row):
                 assert torch.equal(x[b], y)
 
+
+
+def test_gather_rows_is_gather_for_any_leading_dims_and_keeps_the_gradient():
+    """The index_select path equals torch.gather with the index expanded over d (the old pool write),
+    for [N, d], [L, N, d] and [B, L, N, d], and for a pool expanded over a batch (the gather path)."""
+    from memllm.core.ops import gather_rows
+
+    g = torch.Generator().manual_seed(0)
+    for lead in ((), (3,), (2, 3)):
+        x = torch.randn(*lead, 10, 4, generator=g, requires_grad=True)
+        index = torch.randint(0, 10, (*lead, 6), generator=g)
+        expected = x.gather(-2, index.unsqueeze(-1).expand(*index.shape, 4))
+        got = gather_rows(x, index)
+        assert torch.equal(got, expected)
+        (grad,) = torch.autograd.grad((got * torch.arange(4.0)).sum(), x)
+        (want,) = torch.autograd.grad((expected * torch.arange(4.0)).sum(), x)
+        assert torch.equal(grad, want)
+    shared = torch.randn(3, 10, 4, generator=g).expand(2, 3, 10, 4)
+    index = torch.randint(0, 10, (2, 3, 6), generator=g)
+    assert torch.equal(gather_rows(shared, index), shared.gather(-2, index.unsqueeze(-1).expand(2, 3, 6, 4)))

@@ -242,8 +242,7 @@ class Memory:
                                          f"rows written before memllm recorded provenance")
         doomed = torch.tensor(ids, dtype=torch.long)
         order, refill = ops.forget_order(self.sources, doomed)  # [L, N] each
-        d = self.pool.shape[-1]
-        rows = self.pool.gather(1, order.unsqueeze(-1).expand(-1, -1, d))
+        rows = ops.gather_rows(self.pool, order)
         self.pool = torch.where(refill.unsqueeze(-1), initial_pool.to(self.pool), rows)
         self.sources = torch.where(refill, INITIAL_SOURCE, self.sources.gather(1, order))
         if self.stm_ages is not None:

@@ -169,10 +169,10 @@ def drop_to_ltm(
 ) -> tuple[RowLTM, torch.Tensor]:
     """The rows a write drops go to the long-term memory (as `move_dropped_to_ltm` does at inference):
     returns (the grown RowLTM, the STM ages after the write)."""
-    B, L, N, d = pools.shape
+    N = pools.shape[2]  # pools [B, L, N, d]
     K = N - kept.shape[-1]
     gone = ops.dropped_rows(kept, N)  # [B, L, K] ascending
-    rows = pools.detach().gather(2, gone.unsqueeze(-1).expand(-1, -1, -1, d))
+    rows = ops.gather_rows(pools.detach(), gone)  # [B, L, K, d]
     docs = pool_docs.gather(2, gone) if pool_docs is not None else torch.full_like(gone, -1)
     grown = RowLTM(torch.cat([ltm.vectors, rows.to(ltm.vectors.dtype)], dim=2),
                    torch.cat([ltm.ages + K, stm_ages.gather(2, gone)], dim=2),
@@ -209,7 +209,7 @@ def retrieving_rows(model: "MemoryModel", ltm: RowLTM, cache: "DynamicCache", te
                     scores = (torch.sigmoid(q @ keys.transpose(1, 2)) * m).sum(1) / m.sum(1)  # [B, M]
                     selected = torch.topk(scores, R, dim=-1, sorted=False).indices.sort(-1).values
                     order = order_by_age(selected, ltm.ages[:, l].gather(1, selected))
-            rows = vectors.gather(1, order.unsqueeze(-1).expand(-1, -1, vectors.shape[-1]))
+            rows = ops.gather_rows(vectors, order)  # [B, R, d]
             place_retrieved(model, cache, l, rows)
             return None
         return hook

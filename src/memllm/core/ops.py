@@ -22,13 +22,22 @@ def kept_rows(num_layers: int, pool_size: int, num_new: int, generator: torch.Ge
     return kept.expand(*lead[:-1], num_layers, -1)
 
 
+def gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """x [..., N, d], index [..., M] (the same leading dims) -> [..., M, d]: rows `index` of each
+    leading position, differentiable. One `index_select` over the flattened rows: `gather` with the
+    index expanded over d was 2.6x (float32) to 10x (bfloat16) slower on a pool write here."""
+    lead, n, d = x.shape[:-2], x.shape[-2], x.shape[-1]
+    if index.shape[:-1] != lead or not x.is_contiguous():  # e.g. a pool expanded over a batch: no copy
+        return x.gather(-2, index.unsqueeze(-1).expand(*index.shape, d))
+    offsets = torch.arange(lead.numel(), device=x.device).view(*lead, 1) * n
+    return x.reshape(-1, d).index_select(0, (index + offsets).reshape(-1)).view(*index.shape, d)
+
+
 def write_pool(pool: torch.Tensor, delta: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
     """The memory update: pool [..., N, d], delta [..., K, d], kept [..., N - K] -> [..., N, d]: the
     surviving rows in order, then the new ones. A new tensor (forks of the old pool are unaffected);
     the autograd graph flows through both parts."""
-    d = pool.shape[-1]
-    survivors = pool.gather(-2, kept.unsqueeze(-1).expand(*kept.shape, d))
-    return torch.cat([survivors, delta.to(pool.dtype)], dim=-2)
+    return torch.cat([gather_rows(pool, kept), delta.to(pool.dtype)], dim=-2)
 
 
 def write_ids(ids: torch.Tensor, new: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:

@@ -61,7 +61,7 @@ from torch.utils.checkpoint import checkpoint
 from memllm.core.inject import delta_memory
 from memllm.core.model import MemoryModel
 from memllm.core.mplus import RowLTM, drop_to_ltm
-from memllm.core.ops import dropped_rows, write_ids, write_pool
+from memllm.core.ops import dropped_rows, gather_rows, write_ids, write_pool
 from memllm.train.data import ContextBatch, LookupBatch, MemoryBatch, pad
 from memllm.train.retriever import layer_inputs, retriever_loss
 
@@ -196,7 +196,7 @@ class MemoryTraining(nn.Module):
                                                 model.config.stm_ages_grow, self.ltm_rows)
                 elif track:
                     gone = dropped_rows(kept[i], N)  # [B, L, K]
-                    drop_rows.append(pool.detach().gather(2, gone.unsqueeze(-1).expand(-1, -1, -1, pool.shape[-1])))
+                    drop_rows.append(gather_rows(pool.detach(), gone))
                     drop_docs.append(pool_docs.gather(2, gone))
                 if track:
                     pool_docs = write_ids(pool_docs, docs[:, i], kept[i])
