@@ -324,7 +324,7 @@ def test_eval_commands_fail_with_one_line_errors(tmp_path):
 
     for argv, code in ((["retention", str(tmp_path / "missing")], 1), (["integrity", str(tmp_path / "missing")], 1),
                        (["retention", "--panels", "people,typo"], 2), (["retention", "--counts", "1,x"], 2),
-                       (["integrity", "--updates", "0"], 2)):
+                       (["retention", "--dtype", "float8"], 2), (["integrity", "--updates", "0"], 2)):
         r = CliRunner().invoke(app, ["eval", *argv])
         assert r.exit_code == code, (argv, r.output)
         err = r.stderr.strip().splitlines()

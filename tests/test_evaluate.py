@@ -80,7 +80,7 @@ def test_compare_two_models_table_plot_and_gain(models, tmp_path, capsys):
     json.dumps(s)  # the last-line JSON
 
 
-def test_eval_retention_command_on_a_saved_checkpoint(models, tmp_path):
+def test_eval_retention_command_on_a_saved_checkpoint(models, tmp_path, monkeypatch):
     from typer.testing import CliRunner
 
     from memllm.cli import app
@@ -96,6 +96,16 @@ def test_eval_retention_command_on_a_saved_checkpoint(models, tmp_path):
     assert summary == json.loads(json.dumps(out["summary"])) | {"plot": str(tmp_path / "p.png")}
     assert {"memoryllm_k2_mean", "memoryllm_before1", "memoryllm_stranger_abstain_rate",
             "memoryllm_heldout_template_ratio"} <= set(summary)
+    # --dtype loads the checkpoint in it (does a bfloat16 model answer as well?)
+    loaded = []
+    from memllm.core import checkpoint
+
+    original = checkpoint.load
+    monkeypatch.setattr(checkpoint, "load", lambda path, dtype=None: loaded.append(dtype) or original(path, dtype=dtype))
+    r = CliRunner().invoke(app, ["eval", "retention", str(path), "--n-people", "1", "--counts", "0", "--ks", "2",
+                                 "--before", "1", "--panels", "people", "--plot", str(tmp_path / "b.png"),
+                                 "--dtype", "bfloat16"])
+    assert r.exit_code == 0 and loaded == ["bfloat16"], r.output
 
 
 def test_retention_of_the_shipped_model_does_not_depend_on_the_global_rng():

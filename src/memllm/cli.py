@@ -666,6 +666,7 @@ def _eval_app() -> typer.Typer:
         world_seed: int = typer.Option(0, help="the world the models were trained on, when recipe.json does not say"),
         plot: str = typer.Option("retention.png", help="where to write the figure"),
         threads: int = typer.Option(2, help="torch threads"),
+        dtype: Optional[str] = DtypeOpt,
     ) -> None:
         """People at random positions among k in one memory, text before, strangers, held-out wordings, n
         distractors after: accuracies with 95% CIs, a figure, and every number as JSON on the last line."""
@@ -677,10 +678,11 @@ def _eval_app() -> typer.Typer:
             _fail(f"unknown panel(s) {', '.join(sorted(unknown))}; choose from {', '.join(PANELS)}", 2)
         if n_people < 1:
             _fail("--n-people must be at least 1", 2)
+        _check_dtype_device(dtype, None)
         try:
             result = evaluate_retention(checkpoints, n_people=n_people, distractor_counts=_ints(counts),
                                         ks=_ints(ks) or None, befores=_ints(before), one_then=one_then, panels=chosen,
-                                        seed=seed, world_seed=world_seed, plot=plot, threads=threads)
+                                        seed=seed, world_seed=world_seed, plot=plot, threads=threads, dtype=dtype)
         except (CheckpointError, OSError) as e:
             _fail(str(e))
         _echo_json(result["summary"])
