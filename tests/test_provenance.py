@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from memllm.core.inject import RandomDrop
+from memllm.core.inject import RandomDrop, chunks
 from memllm.core.memory import Memory, MemoryFileError, UnknownUpdateError, _checksum, diff
 from memllm.core.tiny import random_model
 
@@ -25,7 +25,9 @@ def tiny(kind: str):
 
 class Ledger:
     """Independent bookkeeping: the bytes of every row an update appended, mapped to that update's number
-    (1, 2, ... in the order the updates happen), and the initial pool's rows to 0."""
+    (1, 2, ... in the order the updates happen), and the initial pool's rows to 0; except that a chunk of
+    T < K tokens computes its first K - T rows from the pool's last K - T rows alone, which keep their
+    owners."""
 
     def __init__(self, memory: Memory) -> None:
         self.owner: dict[tuple[int, bytes], int] = {}
@@ -34,16 +36,26 @@ class Ledger:
             for row in memory.pool[l]:
                 self.owner[(l, row.numpy().tobytes())] = 0
 
-    def inject(self, model, memory: Memory, text: str, drop: RandomDrop) -> None:
+    def inject(self, model, memory: Memory, text: str, drop: RandomDrop, chunk_size: int = 16) -> int:
+        """Returns how many rows were carried from older rows."""
         K = model.config.num_tokens
+        lengths = [len(p) for p in chunks(model.encode_context(text), chunk_size)]
+        owners_of = lambda l, rows: [self.owner[(l, row.numpy().tobytes())] for row in rows]  # noqa: E731
+        tails = [owners_of(l, memory.pool[l, -K:]) for l in range(memory.pool.shape[0])]
+        carried = 0
 
         def record(done: int, total: int) -> None:
             self.count += 1
+            n = max(0, K - lengths[done - 1])
             for l in range(memory.pool.shape[0]):
-                for row in memory.pool[l, -K:]:
-                    self.owner[(l, row.numpy().tobytes())] = self.count
+                for i, row in enumerate(memory.pool[l, -K:]):
+                    self.owner[(l, row.numpy().tobytes())] = tails[l][K - n + i] if i < n else self.count
+                tails[l] = owners_of(l, memory.pool[l, -K:])
+            nonlocal carried
+            carried += n * memory.pool.shape[0]
 
-        model.inject(memory, text, chunk_size=16, drop=drop, progress=record)
+        model.inject(memory, text, chunk_size=chunk_size, drop=drop, progress=record)
+        return carried
 
     def check(self, memory: Memory) -> int:
         """Assert every row's recorded source; returns how many long-term rows were checked."""
@@ -74,6 +86,10 @@ def test_sources_follow_rows_through_updates_merges_forks_and_files(kind: str, t
     for text in TEXTS[:12]:
         ledger.inject(model, memory, text, drop)
     assert memory.num_updates == ledger.count > 12  # texts of 60+ bytes make several updates each
+    ledger.check(memory)
+    # chunks shorter than K = 8: their first rows are computed from older rows only and keep their owners
+    carried = sum(ledger.inject(model, memory, text, drop, chunk_size=5) for text in TEXTS[30:33])
+    assert carried > 0
     ledger.check(memory)
     fork, fork_ledger = memory.fork(), ledger.fork()
     for text in TEXTS[12:20]:

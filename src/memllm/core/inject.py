@@ -168,12 +168,17 @@ class RecordedDrop:
         return kept.to(device)
 
 
-def update(model: "MemoryModel", memory: Memory, delta: torch.Tensor, drop: DropPolicy | None = None) -> torch.Tensor:
+def update(model: "MemoryModel", memory: Memory, delta: torch.Tensor, drop: DropPolicy | None = None,
+           carried: int = 0) -> torch.Tensor:
     """Apply delta memory [L, k, d] to the memory: drop k old rows per layer, append the new ones.
 
     Returns the kept indices [L, N - k]. The pool tensor is replaced, never written into, so forks
     of this memory are unaffected. An uninitialised pool is filled by repeating the delta. The new
     rows are labelled with the update's id (`Memory.record_update`); provenance changes no numbers.
+    `carried`: how many of the new rows (the first ones) were computed from the pool's last rows
+    alone, not from the text: an injection of T < K tokens reads its K - T last rows as queries
+    (`delta_memory`), and the causal mask keeps the text out of their outputs. They keep those rows'
+    sources, so that forgetting an update also removes what a later injection carried of it.
     """
     if delta.dim() != 3:
         raise ValueError(f"delta memory must be [layers, k, hidden], got {tuple(delta.shape)}")
@@ -187,12 +192,13 @@ def update(model: "MemoryModel", memory: Memory, delta: torch.Tensor, drop: Drop
         memory.record_update(None, L * N)
         return torch.empty(L, 0, dtype=torch.long, device=memory.pool.device)
     k = delta.shape[1]
+    sources = memory.sources[:, N - carried:].clone() if carried else None  # [L, carried], before the drop
     drop = drop or RandomDrop(per_layer=model.config.drop_memory_per_layer)
     kept = drop(L, N, k, memory.pool.device)
     if memory.ltm is not None:
         move_dropped_to_ltm(model, memory, memory.ltm, kept, k)
     memory.pool = ops.write_pool(memory.pool, delta, kept)
-    memory.record_update(kept, L * k)
+    memory.record_update(kept, L * k, sources)
     return kept
 
 

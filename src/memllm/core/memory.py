@@ -171,16 +171,27 @@ class Memory:
 
     # ---- provenance --------------------------------------------------------------------------
 
-    def record_update(self, kept: torch.Tensor | None, rows: int) -> int:
+    def record_update(self, kept: torch.Tensor | None, rows: int, carried: torch.Tensor | None = None) -> int:
         """Label the rows an update just appended (after `ops.write_pool` with `kept` [L, N - k]; None:
-        the update filled the whole pool) and log it. Returns its id. Called by the update itself."""
+        the update filled the whole pool) and log it. Returns its id. Called by the update itself.
+        `carried` [L, n]: the sources of the rows the first n new rows were computed from alone
+        (`inject.update`); those rows keep them and count as rows of those updates in the log."""
         update = self.num_updates + 1
+        log = self._log().clone()
         if kept is None:
             self.sources = torch.full_like(self.sources, update)
         else:
             self.sources = ops.write_ids(self.sources, torch.tensor(update), kept)
+        if carried is not None and carried.numel():
+            start = kept.shape[-1]  # the first new row
+            self.sources[:, start:start + carried.shape[-1]] = carried.to(self.sources)
+            ids, counts = torch.unique(carried.cpu(), return_counts=True)
+            for u, c in zip(ids.tolist(), counts.tolist()):
+                if 1 <= u <= log.shape[0]:
+                    log[u - 1, 1] += c
+            rows -= carried.numel()
         entry = torch.tensor([[secrets.randbits(63), rows]], dtype=torch.long)
-        self.update_log = torch.cat([self._log(), entry])
+        self.update_log = torch.cat([log, entry])
         self.num_updates = update
         return update
 

@@ -596,7 +596,8 @@ class MemoryModel(nn.Module):
         with torch.no_grad():
             for i, piece in enumerate(pieces):
                 delta = delta_memory(self, memory.pool, piece.unsqueeze(0), initialized=memory.initialized)
-                update(self, memory, delta[0], drop)
+                carried = max(0, self.config.num_tokens - piece.numel()) if memory.initialized else 0
+                update(self, memory, delta[0], drop, carried)
                 if progress is not None:
                     progress(i + 1, len(pieces))
         return len(pieces)
