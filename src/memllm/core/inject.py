@@ -31,6 +31,13 @@ if TYPE_CHECKING:
 MIN_CONTEXT_TOKENS = 16  # the published models were trained on contexts of at least this many tokens
 
 
+def carried_rows(num_tokens: int, context_tokens: int, initialized: bool = True) -> int:
+    """How many of an injection's K new rows per layer are computed from the pool's last rows alone:
+    a context of T < K tokens reads the pool's last K - T rows as its first queries, and the causal
+    mask keeps the text out of their outputs (`delta_memory`). `update` keeps those rows' sources."""
+    return max(0, num_tokens - context_tokens) if initialized else 0
+
+
 def delta_memory(
     model: "MemoryModel",
     pool: torch.Tensor,
@@ -73,7 +80,7 @@ def delta_memory(
         num_new = K
     else:
         P, num_queries, num_new = 0, T, min(K, T)
-    old_queries = num_queries - T  # K - T old memory rows used as queries when T < K
+    old_queries = carried_rows(K, T, initialized)  # K - T old memory rows used as queries when T < K
 
     def layer_pool(l: int, dev: torch.device) -> torch.Tensor:  # [B, N, d]
         rows = pool[l] if shared else pool[:, l]

@@ -44,7 +44,7 @@ from memllm.core import attribution, hf_compat
 from memllm.core.attribution import Attribution
 from memllm.core.config import MemoryConfig
 from memllm.core.generate import ask, generate, stream
-from memllm.core.inject import MIN_CONTEXT_TOKENS, DropPolicy, chunks, delta_memory, update
+from memllm.core.inject import MIN_CONTEXT_TOKENS, DropPolicy, carried_rows, chunks, delta_memory, update
 from memllm.core.ltm import LongTermMemory
 from memllm.core.memory import Memory, MemoryMismatchError
 from memllm.core.mplus import RowLTM, empty_ltm, ltm_is_empty, retrieving, retrieving_rows
@@ -596,7 +596,7 @@ class MemoryModel(nn.Module):
         with torch.no_grad():
             for i, piece in enumerate(pieces):
                 delta = delta_memory(self, memory.pool, piece.unsqueeze(0), initialized=memory.initialized)
-                carried = max(0, self.config.num_tokens - piece.numel()) if memory.initialized else 0
+                carried = carried_rows(self.config.num_tokens, piece.numel(), memory.initialized)
                 update(self, memory, delta[0], drop, carried)
                 if progress is not None:
                     progress(i + 1, len(pieces))
