@@ -233,3 +233,36 @@ def test_memory_models_of_every_type_read_padded_batches_like_single_rows(model_
         assert len(trace) == model.num_layers  # retrieval ran at every layer
         torch.testing.assert_close(together[0], model(a, memory).logits[0], rtol=0, atol=1e-5)
         torch.testing.assert_close(together[1, 3:], model(b, memory).logits[0], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("model_type", TYPES)
+def test_grouped_sdpa_gives_transformers_sdpa_numbers_without_repeating_heads(model_type: str, monkeypatch) -> None:
+    """Memory models run `sdpa_grouped`: reads behind a memory prefix and injections (masked prefills
+    over grouped key/value heads) take one grouped SDPA call on CPU, never transformers' sdpa (which
+    repeats the heads); logits, delta memory and training gradients equal transformers' sdpa."""
+    from memllm.core.inject import delta_memory
+
+    model = random_model(model_type=model_type, num_blocks=4, seed=2)
+    assert model.lm.config._attn_implementation == hf_compat.SDPA_GROUPED
+    memory = model.new_memory()
+    g = torch.Generator().manual_seed(0)
+    prompt, context = torch.randint(3, 200, (2, 9), generator=g), torch.randint(3, 200, (1, 12), generator=g)
+
+    def run_all() -> tuple[torch.Tensor, ...]:
+        with torch.no_grad():
+            logits = model(prompt, memory).logits
+            delta = delta_memory(model, memory.pool, context)
+        pools = memory.pool.unsqueeze(0).expand(2, -1, -1, -1).clone().requires_grad_(True)  # [B, L, N, d]
+        loss = model.forward_pools(prompt, pools, labels=prompt).loss
+        loss.backward()
+        return logits, delta, loss.detach(), pools.grad
+
+    delegated: list[int] = []
+    sdpa = hf_compat.sdpa_attention_forward
+    monkeypatch.setattr(hf_compat, "sdpa_attention_forward",
+                        lambda module, query, *a, **kw: delegated.append(query.shape[2]) or sdpa(module, query, *a, **kw))
+    grouped = run_all()
+    assert delegated == []  # every call above is a masked prefill: none went through repeat_kv
+    model.lm.set_attn_implementation("sdpa")
+    for ours, theirs in zip(grouped, run_all()):
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)

@@ -31,8 +31,11 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from transformers import Cache, DynamicCache, PretrainedConfig, PreTrainedModel, StaticCache
+from torch.nn import functional as F
+from transformers import AttentionInterface, Cache, DynamicCache, PretrainedConfig, PreTrainedModel, StaticCache
 from transformers.cache_utils import StaticLayer
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.models.llama.modeling_llama import rotate_half
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
@@ -207,3 +210,40 @@ def layer_output(output: torch.Tensor | tuple) -> torch.Tensor:
     """The hidden states [B, T, d] a decoder layer returns, from a forward hook: a tensor in 5.x
     (a tuple whose first element they are in earlier releases)."""
     return output[0] if isinstance(output, tuple) else output
+
+
+# ---- attention ------------------------------------------------------------------------------------
+
+# The name under which `sdpa_grouped` is registered with transformers' attention (and mask) interfaces.
+SDPA_GROUPED = "memllm_sdpa"
+
+
+def sdpa_grouped(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                 attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
+                 is_causal: bool | None = None, **kwargs) -> tuple[torch.Tensor, None]:
+    """transformers' sdpa attention, except for masked attention of several queries over grouped
+    key/value heads on CPU: one SDPA call with `enable_gqa`, where transformers' `sdpa_attention_forward`
+    copies every key/value head once per query head (`repeat_kv`; it keeps `enable_gqa` for unmasked
+    calls because CUDA's kernels fall back to the math one with a mask). memllm's reads always carry a
+    mask over [memory prefix ; prompt], so that copy was of the whole ~2,000-row prefix at every layer
+    of every prefill: ~20% of the time to first token on CPU. Same numbers (tests/test_hf_compat.py).
+    query [B, heads, T, head_dim]; key, value [B, kv_heads, S, head_dim]; returns [B, T, heads, head_dim].
+    """
+    if (query.device.type == "cpu" and getattr(module, "num_key_value_groups", 1) > 1 and query.shape[2] > 1
+            and attention_mask is not None and kwargs.get("position_bias") is None
+            and kwargs.get("softcap") is None):
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=dropout,
+                                             scale=scaling, enable_gqa=True)
+        return out.transpose(1, 2).contiguous(), None
+    return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                  is_causal=is_causal, **kwargs)
+
+
+def use_sdpa_grouped(lm: PreTrainedModel) -> None:
+    """Run an sdpa model's attention through `sdpa_grouped` (same masks as sdpa). Models set to another
+    implementation (eager, flash attention) are left as they are."""
+    if lm.config._attn_implementation != "sdpa":
+        return
+    AttentionInterface.register(SDPA_GROUPED, sdpa_grouped)  # idempotent: same name, same function
+    AttentionMaskInterface.register(SDPA_GROUPED, sdpa_mask)
+    lm.set_attn_implementation(SDPA_GROUPED)

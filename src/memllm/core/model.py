@@ -180,6 +180,7 @@ class MemoryModel(nn.Module):
         self.config = config
         self.tokenizer = tokenizer
         c = lm.config
+        hf_compat.use_sdpa_grouped(lm)
         L, d = c.num_hidden_layers, c.hidden_size
         dtype = lm.get_input_embeddings().weight.dtype
         device = lm.get_input_embeddings().weight.device
