@@ -7,6 +7,7 @@ No timing assertions: these machines are shared and slow, the full benchmark is 
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 import torch
@@ -148,3 +149,62 @@ def test_bench_serve_times_both_modes_in_one_run():
         assert cell[f"ask_{mode}"]["p50_ms"] <= cell[f"ask_{mode}"]["p95_ms"]
     assert cell["ask_speedup"] == round(cell["ask_batched"]["per_s"] / cell["ask_one_at_a_time"]["per_s"], 2)
     assert result["batched_speedup_16_clients_8_memories"] is None  # that cell was not run
+
+
+FAKE_ORACLE = '''
+import argparse, json, os, sys
+ap = argparse.ArgumentParser()
+for name in ("--family", "--runs", "--threads", "--official-dir"):
+    ap.add_argument(name)
+a = ap.parse_args()
+if a.family == "broken":
+    sys.exit("ImportError: no module named transformers")
+with open(os.path.join(a.official_dir, "calls"), "a") as f:
+    f.write(f"theirs {a.family} {a.runs} {a.threads} {os.environ['OFFICIAL_MODELING_DIR'] == a.official_dir}\\n")
+n = len(open(os.path.join(a.official_dir, "calls")).read().splitlines())
+print("loading their model...")
+print(json.dumps({"family": a.family, "generate_32_from_64_prompt_s": {"median": 0.5 * n, "all": []},
+                  "inject_512_tokens_update_memory_s": {"median": 0.25 * n, "all": []}}, indent=1))
+'''
+
+
+def test_side_by_side_alternates_their_script_and_memllm_and_divides_medians(tmp_path, monkeypatch):
+    """`memllm bench official`: their script (a stand-in here) and memllm's bench take turns each round,
+    at the same threads and runs; M+ gets num_ltm_blocks 2; ratios are their median over ours."""
+    from memllm.bench import official
+
+    script = tmp_path / "bench_official.py"
+    script.write_text(FAKE_ORACLE)
+    calls = tmp_path / "calls"
+    ours = iter([0.5, 1.0, 0.25])  # memllm's generate times, round by round
+
+    def fake_run_bench(repeats, threads, config):
+        calls.open("a").write(f"ours {config.num_ltm_blocks} {repeats} {threads}\n")
+        g = next(ours)
+        return {"generate_32_s": g, "inject_512_s": g / 2, "decode_bandwidth_fraction": 0.5,
+                "inject_gemm_fraction": 0.4, "ttft_reused_flop_fraction": 0.3}
+
+    monkeypatch.setattr(official, "run_bench", fake_run_bench)
+    r = official.side_by_side(sys.executable, str(script), str(tmp_path), family="mplus", rounds=3, threads=1, runs=2)
+    assert calls.read_text().splitlines() == ["theirs mplus 2 1 True", "ours 2 2 1"] * 3
+    # theirs: 0.5, 1.5, 2.5 s (medians 1.5 / 0.75); ours: 0.5, 1.0, 0.25 s (medians 0.5 / 0.25)
+    assert r["official_generate_32_s"] == 1.5 and r["memllm_generate_32_s"] == 0.5
+    assert r["generate_speedup_vs_official"] == 3.0 and r["inject_speedup_vs_official"] == 3.0
+    assert r["memllm_fractions"]["inject_gemm_fraction"] == 0.4 and r["rounds"] == 3 and r["family"] == "mplus"
+    assert "loadavg_1m_before" in r
+    json.dumps(r)
+
+
+def test_side_by_side_names_what_went_wrong(tmp_path):
+    from memllm.bench import official
+
+    script = tmp_path / "bench_official.py"
+    script.write_text(FAKE_ORACLE)
+    with pytest.raises(RuntimeError, match="failed .exit 1.: ImportError: no module named transformers"):
+        official.run_official(sys.executable, str(script), str(tmp_path), "broken", 1, 1)
+    r = CliRunner().invoke(app, ["bench", "official", "--script", str(tmp_path / "missing.py"),
+                                 "--official-dir", str(tmp_path)])
+    assert r.exit_code == 2 and "no timing script at" in r.output
+    r = CliRunner().invoke(app, ["bench", "official", "--script", str(script), "--official-dir", str(tmp_path),
+                                 "--family", "other"])
+    assert r.exit_code == 2 and "family" in r.output

@@ -1,5 +1,5 @@
 """`memllm` on the command line: inject, ask, chat, memory {new,info,fork,forget}, init, demo, train, recipe tiny,
-eval {retention,integrity,forgetting}, bench [ltm, serve, train-step], serve [keys {create,list,revoke}].
+eval {retention,integrity,forgetting}, bench [official, ltm, serve, train-step], serve [keys {create,list,revoke}].
 
 A model is a checkpoint directory or hub id (`--model`); a memory is a file (`--memory`). Commands
 that change a memory hold its lock from load to save and write it back atomically, so concurrent
@@ -788,6 +788,31 @@ def _bench_app() -> typer.Typer:
                                  max_new_tokens=max_new_tokens, threads=threads, report=console.print)
         _echo_json(result)
 
+    @built.command("official")
+    def official(
+        script: str = typer.Option(..., help="the authors' timing script: the oracle folder's bench_official.py"),
+        official_dir: str = typer.Option(..., envvar="OFFICIAL_MODELING_DIR",
+                                         help="their modeling files, as the oracle's make_golden.py extracts them"),
+        python: str = typer.Option("python3", envvar="ORACLE_PY",
+                                   help="Python of the environment their code runs in (transformers 4.48)"),
+        family: str = typer.Option("memoryllm", help="memoryllm, or mplus (exact retrieval, their timed M+)"),
+        rounds: int = typer.Option(3, help="rounds: their script, then memllm's bench, each round"),
+        runs: int = typer.Option(3, help="timed runs per round on each side (medians)"),
+        threads: int = typer.Option(2, help="torch threads on both sides"),
+    ) -> None:
+        """memllm beside the authors' code (their own environment, a subprocess), alternating round after
+        round on their timed configuration; JSON on the last line: both medians, the ratios
+        (`generate_speedup_vs_official`, `inject_speedup_vs_official`) and the load average."""
+        from memllm.bench.official import side_by_side
+
+        try:
+            result = side_by_side(python, script, official_dir, family, rounds, threads, runs, report=console.print)
+        except ValueError as e:
+            _fail(str(e), 2)
+        except RuntimeError as e:
+            _fail(str(e))
+        _echo_json(result)
+
     @built.command("train-step")
     def train_step() -> None:
         """One memory-training step (inject with gradient, predict from memory, backward) against a plain LM
@@ -804,8 +829,8 @@ _defer(app, "train", "Train a memory model to use its memory (accelerate-native:
 _defer(app, "eval", "Evaluations: `retention` (people among k in one memory, text before, strangers, held-out "
        "wordings, distractors after; 95% CIs), `integrity` (many updates into one memory) and `forgetting` "
        "(forgetting an update, attribution, compact files). Default: the shipped tiny models.", _eval_app)
-_defer(app, "bench", "Benchmarks: core speed (`memllm bench`), long-term memory retrieval (`memllm bench ltm`), "
-       "a training step (`memllm bench train-step`).", _bench_app)
+_defer(app, "bench", "Benchmarks: core speed (`memllm bench`), beside the authors' code (`memllm bench official`), "
+       "long-term memory retrieval (`memllm bench ltm`), a training step (`memllm bench train-step`).", _bench_app)
 _defer(recipe_app, "tiny", "Train the tiny MemoryLLM and M+ models that memllm ships, from scratch on CPU.",
        _recipe_tiny_app)
 
