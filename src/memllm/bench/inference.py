@@ -38,39 +38,34 @@ import platform
 import sys
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import torch
 
 from memllm.bench.machine import ModelShape, decode_bytes, forward_flops, measure
 from memllm.bench.timing import interleaved_medians, load_average
-
-
-def _size(default: int, help: str) -> int:
-    """A BenchConfig field with its help: the `memllm bench` option reads it."""
-    return field(default=default, metadata={"help": help})
+from memllm.train.options import option
 
 
 @dataclass(frozen=True)
 class BenchConfig:
     """Model and workload sizes (defaults: the configuration the authors' code was timed on)."""
 
-    hidden_size: int = _size(512, "model width")
-    num_layers: int = _size(8, "decoder layers")
-    num_heads: int = _size(8, "attention heads")
-    num_kv_heads: int = _size(4, "key-value heads")
-    intermediate_size: int = _size(1408, "MLP width")
-    vocab_size: int = _size(32000, "vocabulary")
-    num_tokens: int = _size(256, "K: memory vectors written per injection")
-    num_blocks: int = _size(8, "N / K: N = 2,048 memory vectors per layer by default")
-    prompt_tokens: int = _size(64, "tokens of the prompt asked")
-    new_tokens: int = _size(32, "tokens generated")
-    context_tokens: int = _size(512, "tokens of the context injected")
-    num_ltm_blocks: int = _size(0, "M+: R / K long-term blocks retrieved per layer (0: MemoryLLM; the authors' M+: 2)")
-    ltm_rows: int = _size(4096, "M+: random long-term vectors stored per layer, searched exactly")
-    dtype: str = field(default="float32", metadata={
-        "help": "weights, memory and activations (the authors' timed configuration: float32); the machine's "
-                "GEMM and matrix-vector rates are measured in it too", "choices": ("float32", "bfloat16")})
+    hidden_size: int = option(512, "model width")
+    num_layers: int = option(8, "decoder layers")
+    num_heads: int = option(8, "attention heads")
+    num_kv_heads: int = option(4, "key-value heads")
+    intermediate_size: int = option(1408, "MLP width")
+    vocab_size: int = option(32000, "vocabulary")
+    num_tokens: int = option(256, "K: memory vectors written per injection")
+    num_blocks: int = option(8, "N / K: N = 2,048 memory vectors per layer by default")
+    prompt_tokens: int = option(64, "tokens of the prompt asked")
+    new_tokens: int = option(32, "tokens generated")
+    context_tokens: int = option(512, "tokens of the context injected")
+    num_ltm_blocks: int = option(0, "M+: R / K long-term blocks retrieved per layer (0: MemoryLLM; the authors' M+: 2)")
+    ltm_rows: int = option(4096, "M+: random long-term vectors stored per layer, searched exactly")
+    dtype: str = option("float32", "weights, memory and activations (the authors' timed configuration: float32); "
+                        "the machine's GEMM and matrix-vector rates are measured in it too", ("float32", "bfloat16"))
 
     @property
     def torch_dtype(self) -> torch.dtype:
