@@ -174,25 +174,36 @@ def test_static_prefilled_cache_refuses_a_prefix_it_cannot_hold(lm) -> None:
 
 
 @pytest.mark.parametrize("static", [False, True])
-def test_set_layer_kv_replaces_what_the_layer_reads(lm, static: bool) -> None:
-    P, T = 6, 4
+def test_write_layer_rows_replaces_what_the_layer_reads(lm, static: bool) -> None:
+    """Rows 2..P of prefix b written over prefix a read like a cache built from [a[:2] ; b[2:]]: in
+    place in a static cache (the buffers keep their address), into new tensors in a dynamic one (its
+    tensors may be a prefix shared with other reads, which must not change)."""
+    P, T, start = 6, 4, 2
     a, b, text = ids(1, P, 7), ids(1, P, 8), ids(1, T, 9)
-    if static:  # written in place: the buffers keep their address
-        cache = hf_compat.static_prefilled_cache(lm.config, prefix_kv(lm, a), batch=1, max_len=P + T)
+    kv_a = prefix_kv(lm, a)
+    shared = [(k.clone(), v.clone()) for k, v in kv_a]
+    if static:
+        cache = hf_compat.static_prefilled_cache(lm.config, kv_a, batch=1, max_len=P + T)
     else:
-        cache = hf_compat.prefilled_cache(lm.config, prefix_kv(lm, a), batch=1)
+        cache = hf_compat.prefilled_cache(lm.config, kv_a, batch=1)
+    mixed = []
     for l, (k, v) in enumerate(prefix_kv(lm, b)):
         address = hf_compat.layer_kv(cache, l)[0].data_ptr()
-        hf_compat.set_layer_kv(cache, l, k, v)
+        hf_compat.write_layer_rows(cache, l, start, k[:, :, start:], v[:, :, start:])
+        mixed.append((torch.cat([kv_a[l][0][:, :, :start], k[:, :, start:]], dim=2),
+                      torch.cat([kv_a[l][1][:, :, :start], v[:, :, start:]], dim=2)))
         keys, values = hf_compat.layer_kv(cache, l)
-        assert torch.equal(keys, k) and torch.equal(values, v)
-        assert (keys.data_ptr() == address) if static else (keys is k and values is v)
+        assert torch.equal(keys, mixed[l][0]) and torch.equal(values, mixed[l][1])
+        assert (keys.data_ptr() == address) == static
         if static:
-            with pytest.raises(ValueError, match="positions given"):
-                hf_compat.set_layer_kv(cache, l, k[:, :, 1:], v[:, :, 1:])
-    got = run(lm, text, attention_mask=torch.ones(1, P + T, dtype=torch.long),
-              position_ids=torch.arange(P, P + T).unsqueeze(0), **{hf_compat.CACHE_ARG: cache}).logits
-    torch.testing.assert_close(got, run(lm, torch.cat([b, text], dim=1)).logits[:, P:], rtol=0, atol=1e-5)
+            with pytest.raises(ValueError, match="positions 4..8 given"):
+                hf_compat.write_layer_rows(cache, l, 4, k[:, :, :4], v[:, :, :4])
+    for (k, v), (k0, v0) in zip(kv_a, shared):
+        assert torch.equal(k, k0) and torch.equal(v, v0)  # the prefix the cache was built from is untouched
+    kw = dict(attention_mask=torch.ones(1, P + T, dtype=torch.long), position_ids=torch.arange(P, P + T).unsqueeze(0))
+    got = run(lm, text, **kw, **{hf_compat.CACHE_ARG: cache}).logits
+    want = run(lm, text, **kw, **{hf_compat.CACHE_ARG: hf_compat.prefilled_cache(lm.config, mixed, batch=1)}).logits
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
 
 
 def test_the_cache_keyword_is_what_forward_layers_and_generate_take(lm) -> None:

@@ -175,19 +175,25 @@ def _static_length(layer: StaticLayer) -> int:
     return min(int(layer.get_seq_length()), layer.max_cache_len)
 
 
-def set_layer_kv(cache: Cache, layer_idx: int, keys: torch.Tensor, values: torch.Tensor) -> None:
-    """Replace one layer's cached keys and values (same length: M+ writes retrieved rows over the
-    placeholders of a prefilled cache before the layer reads it); `.keys` / `.values` as above,
-    written in place in a static layer (its buffers keep their address)."""
+def write_layer_rows(cache: Cache, layer_idx: int, start: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+    """Replace positions start .. start + n of one layer's cached keys and values [B, kv_heads, n,
+    head_dim] (M+ writes retrieved rows over the placeholders of a prefilled cache before the layer
+    reads it). A static layer's buffers are written in place (they keep their address); a dynamic
+    layer gets new tensors, since its `.keys` / `.values` may be views of a prefix shared with other
+    reads."""
     layer = cache.layers[layer_idx]
+    n = keys.shape[-2]
     if isinstance(layer, StaticLayer):
-        S = keys.shape[-2]
-        if S != _static_length(layer):
-            raise ValueError(f"{S} positions given for a static cache layer holding {_static_length(layer)}")
-        layer.keys[:, :, :S].copy_(keys)
-        layer.values[:, :, :S].copy_(values)
+        if start + n > _static_length(layer):
+            raise ValueError(f"positions {start}..{start + n} given for a static cache layer holding "
+                             f"{_static_length(layer)}")
+        layer.keys[:, :, start:start + n].copy_(keys)
+        layer.values[:, :, start:start + n].copy_(values)
         return
-    layer.keys, layer.values = keys, values
+    B = keys.shape[0]
+    old_k, old_v = (t.expand(B, -1, -1, -1) for t in (layer.keys, layer.values))
+    layer.keys = torch.cat([old_k[:, :, :start], keys, old_k[:, :, start + n:]], dim=2)
+    layer.values = torch.cat([old_v[:, :, :start], values, old_v[:, :, start + n:]], dim=2)
 
 
 # ---- decoder-layer hooks ----------------------------------------------------------------------------

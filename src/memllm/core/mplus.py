@@ -120,12 +120,9 @@ def retrieving(
 
 def place_retrieved(model: "MemoryModel", cache: "DynamicCache", l: int, rows: torch.Tensor) -> None:
     """Write the keys/values of retrieved rows [B, R, d] (positions 1..R) over layer l's placeholders."""
-    B, R, _ = rows.shape
     dev = hf_compat.layer_device(model.layers[l])
-    k, v = model.prefix_kv(l, rows.to(dev, model.dtype), start=1)
-    keys, values = (t.expand(B, -1, -1, -1) for t in hf_compat.layer_kv(cache, l))
-    hf_compat.set_layer_kv(cache, l, torch.cat([keys[:, :, :1], k, keys[:, :, 1 + R:]], dim=2),
-                           torch.cat([values[:, :, :1], v, values[:, :, 1 + R:]], dim=2))
+    k, v = model.prefix_kv(l, rows.to(dev, model.dtype), start=1)  # [B, kv_heads, R, head_dim]
+    hf_compat.write_layer_rows(cache, l, 1, k, v)
 
 
 # ---- long-term memory during training --------------------------------------------------------------
