@@ -277,3 +277,25 @@ def test_grouped_sdpa_gives_transformers_sdpa_numbers_without_repeating_heads(mo
     model.lm.set_attn_implementation("sdpa")
     for ours, theirs in zip(grouped, run_all()):
         torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+
+
+def test_a_memory_model_unpickled_in_a_fresh_process_reads_as_before(tmp_path) -> None:
+    """Its config names memllm's attention function, which must exist wherever the model is unpickled
+    (registered when memllm is imported, not when a model is built)."""
+    import pickle
+    import subprocess
+    import sys
+
+    model = random_model(seed=3)
+    memory = model.new_memory()
+    model.inject(memory, torch.randint(3, 200, (24,), generator=torch.Generator().manual_seed(0)))
+    prompt = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        torch.save(model(prompt, memory).logits, tmp_path / "want.pt")
+    (tmp_path / "model.pkl").write_bytes(pickle.dumps((model, memory)))
+    code = ("import pickle, sys, torch; d = sys.argv[1]; model, memory = pickle.load(open(d + '/model.pkl', 'rb'))\n"
+            "with torch.no_grad(): got = model(torch.tensor([[5, 6, 7, 8]]), memory).logits\n"
+            "print(model.lm.config._attn_implementation, torch.equal(got, torch.load(d + '/want.pt')))")
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == [hf_compat.SDPA_GROUPED, "True"]

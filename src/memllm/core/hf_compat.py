@@ -2,8 +2,9 @@
 
 memllm runs transformers' own causal LMs and reaches inside them in a few ways: it walks the decoder
 layers and their sub-modules, projects memory rows through a layer's own norm and key/value
-projections and rotary embedding, hands the model a key/value cache it filled itself, and reads or
-replaces the hidden states entering a decoder layer from forward hooks. Each of those is one small
+projections and rotary embedding, hands the model a key/value cache it filled itself, reads or
+replaces the hidden states entering a decoder layer from forward hooks, and registers one attention
+function (`sdpa_grouped`) with transformers' attention interface. Each of those is one small
 function here, whose docstring names the transformers behaviour it relies on; tests/test_hf_compat.py
 checks every one against transformers itself, for every supported model type, so that an upgrade that
 changes any of them fails a named test instead of silently changing what a memory model computes.
@@ -245,11 +246,14 @@ def sdpa_grouped(module: nn.Module, query: torch.Tensor, key: torch.Tensor, valu
                                   is_causal=is_causal, **kwargs)
 
 
+# Registered on import, so that a model whose config names it runs in any process that imports memllm
+# (a copy unpickled in another process too); a new name, so no other model's attention changes.
+AttentionInterface.register(SDPA_GROUPED, sdpa_grouped)
+AttentionMaskInterface.register(SDPA_GROUPED, sdpa_mask)
+
+
 def use_sdpa_grouped(lm: PreTrainedModel) -> None:
     """Run an sdpa model's attention through `sdpa_grouped` (same masks as sdpa). Models set to another
     implementation (eager, flash attention) are left as they are."""
-    if lm.config._attn_implementation != "sdpa":
-        return
-    AttentionInterface.register(SDPA_GROUPED, sdpa_grouped)  # idempotent: same name, same function
-    AttentionMaskInterface.register(SDPA_GROUPED, sdpa_mask)
-    lm.set_attn_implementation(SDPA_GROUPED)
+    if lm.config._attn_implementation == "sdpa":
+        lm.set_attn_implementation(SDPA_GROUPED)
