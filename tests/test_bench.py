@@ -130,6 +130,21 @@ def test_the_timer_interleaves_the_cases_and_skips_the_warm_up_round():
     assert median([3.0, 1.0, 2.0]) == 2.0 and median([4.0, 1.0, 3.0, 2.0]) == 2.5
     with pytest.raises(ValueError):
         interleaved_medians(cases, repeats=0)
+    calls.clear()  # a device's queue is waited for before the clock starts and before it stops
+    interleaved_medians({"a": cases["a"]}, repeats=1, sync=lambda: calls.append("sync"))
+    assert calls == ["setup a", "sync", "a", "sync"] * 2
+
+
+def test_a_device_that_is_not_here_is_refused_before_anything_runs():
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    for device, message in (("cuda", "no GPU is available here"), ("mps", "use cpu or cuda"),
+                            ("tpu", "not a torch device")):
+        with pytest.raises(ValueError, match=message):
+            bench.BenchConfig(device=device)
+    r = CliRunner().invoke(app, ["bench", "--device", "cuda", "--inject-rss-chars", "0"])
+    assert r.exit_code == 2 and "no GPU is available here" in r.output and "Traceback" not in r.output
+    assert bench.BenchConfig(device="cpu").device == "cpu"
 
 
 def test_bench_serve_times_both_modes_in_one_run():

@@ -66,6 +66,18 @@ class BenchConfig:
     ltm_rows: int = option(4096, "M+: random long-term vectors stored per layer, searched exactly")
     dtype: str = option("float32", "weights, memory and activations (the authors' timed configuration: float32); "
                         "the machine's GEMM and matrix-vector rates are measured in it too", ("float32", "bfloat16"))
+    device: str = option("cpu", "where the model runs: cpu, or cuda / cuda:N (a GPU: the machine's rates are "
+                                "measured on it, and every timed call waits for the GPU to finish)")
+
+    def __post_init__(self) -> None:
+        try:
+            device = torch.device(self.device)
+        except RuntimeError as e:
+            raise ValueError(f"device {self.device!r}: not a torch device ({e})") from e
+        if device.type not in ("cpu", "cuda"):
+            raise ValueError(f"device {self.device!r}: use cpu or cuda")
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device {self.device!r}: no GPU is available here (torch.cuda.is_available() is False)")
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -105,7 +117,7 @@ def build_model(cfg: BenchConfig, seed: int = 0):
     )
     model.lm.generation_config.eos_token_id = None  # always generate the requested number of tokens
     model.lm.generation_config.pad_token_id = 0
-    return model.to(cfg.torch_dtype).eval()
+    return model.to(cfg.torch_dtype).to(cfg.device).eval()
 
 
 def new_memory(model, cfg: BenchConfig, seed: int = 0):
@@ -121,7 +133,7 @@ def new_memory(model, cfg: BenchConfig, seed: int = 0):
         for l in range(cfg.num_layers):
             rows = (torch.randn(cfg.ltm_rows, cfg.hidden_size, generator=g) * 0.02).to(cfg.torch_dtype)  # [M, d]
             tensors[f"ltm.{l}"] = rows
-            tensors[f"ltm_keys.{l}"] = retrieval_keys(model, l, rows).float()  # [M, s]
+            tensors[f"ltm_keys.{l}"] = retrieval_keys(model, l, rows.to(model.device)).float().cpu()  # [M, s]
             tensors[f"ltm_ages.{l}"] = torch.arange(cfg.ltm_rows, 0, -1, dtype=torch.float32)
             tensors[f"ltm_recall_frequencies.{l}"] = torch.ones(cfg.ltm_rows)
         memory.ltm = LongTermMemory.from_tensors(tensors, ltm_config(model))
@@ -160,9 +172,10 @@ def _run(cfg: BenchConfig, repeats: int, seed: int) -> dict:
     model = build_model(cfg, seed)
     build_s = time.perf_counter() - t0
     g = torch.Generator().manual_seed(seed + 1)
-    prompt = torch.randint(0, cfg.vocab_size, (1, cfg.prompt_tokens), generator=g)
-    context = torch.randint(0, cfg.vocab_size, (cfg.context_tokens,), generator=g)
+    prompt = torch.randint(0, cfg.vocab_size, (1, cfg.prompt_tokens), generator=g).to(cfg.device)
+    context = torch.randint(0, cfg.vocab_size, (cfg.context_tokens,), generator=g).to(cfg.device)
     memory = new_memory(model, cfg, seed)
+    gpu = model.device.type == "cuda"
 
     def generate(n: int):
         out = model.generate(memory, prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False)
@@ -194,13 +207,13 @@ def _run(cfg: BenchConfig, repeats: int, seed: int) -> dict:
         "gen_reused": (cached, lambda: generate(cfg.new_tokens)),
         "gen_recomputed": (clear, lambda: generate(cfg.new_tokens)),
         "inject": (fresh, inject),
-    }, repeats)
+    }, repeats, sync=torch.cuda.synchronize if gpu else None)
     ttft_reused, ttft_recomputed, prefix = m["ttft_reused"], m["ttft_recomputed"], m["prefix"]
     gen_reused, gen_recomputed, inject_s = m["gen_reused"], m["gen_recomputed"], m["inject"]
 
     import transformers
 
-    rates = measure(torch.get_num_threads(), cfg.torch_dtype, gemv_cols=cfg.hidden_size)
+    rates = measure(torch.get_num_threads(), cfg.torch_dtype, gemv_cols=cfg.hidden_size, device=cfg.device)
     shape = ModelShape.of(model.lm.config, cfg.torch_dtype)
     P, T, n, R = cfg.prefix_tokens, cfg.prompt_tokens, cfg.new_tokens, cfg.retrieved_tokens
     decode_s = (gen_reused - ttft_reused) / max(1, n - 1)
@@ -252,6 +265,7 @@ def _run(cfg: BenchConfig, repeats: int, seed: int) -> dict:
         "transformers": transformers.__version__,
         "python": platform.python_version(),
         "cpu_count": os.cpu_count(),
+        "gpu": torch.cuda.get_device_name(model.device) if gpu else None,
         # other processes on the machine slow every number down: the 1-minute load average (compare
         # with cpu_count) before and after the timed rounds
         "loadavg_1m_before": load_before,
@@ -302,7 +316,7 @@ def print_table(result: dict, file=None) -> None:
     c, m = result["config"], result["machine"]
     title = (f"memllm bench: hidden {c['hidden_size']}, {c['num_layers']} layers, {c['num_heads']}/"
              f"{c['num_kv_heads']} heads, K={c['num_tokens']}, N={c['memory_tokens']}, {c['dtype']}, "
-             f"{result['threads']} threads, median of {result['repeats']}; machine: "
+             f"{result.get('gpu') or str(result['threads']) + ' threads'}, median of {result['repeats']}; machine: "
              f"{m['gemm_gflop_s']} GFLOP/s GEMM, {m['read_gb_s']} GB/s read")
     headers = ("measurement", "memllm", "machine's bound", "fraction of bound")
     try:

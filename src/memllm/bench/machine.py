@@ -59,36 +59,46 @@ class ModelShape:
         return d * q + 2 * d * kv + q * d + 3 * d * self.intermediate
 
 
-def _best(fn, repeats: int) -> float:
+def _best(fn, repeats: int, sync=None) -> float:
+    wait = sync or (lambda: None)
     fn()  # warm-up: allocation, first-touch, thread pool
     best = float("inf")
     for _ in range(repeats):
+        wait()
         t0 = time.perf_counter()
         fn()
+        wait()
         best = min(best, time.perf_counter() - t0)
     return best
 
 
-def measure(threads: int, dtype: torch.dtype = torch.float32, gemm_size: int = 1024, read_mib: int = 256,
-            repeats: int = 5, gemv_cols: int = 4096) -> MachineRates:
+def measure(threads: int, dtype: torch.dtype = torch.float32, gemm_size: int | None = None,
+            read_mib: int | None = None, repeats: int = 5, gemv_cols: int = 4096,
+            device: str = "cpu") -> MachineRates:
     """Time a square GEMM in `dtype` and streaming reads of `read_mib` MiB (far beyond the caches) at
-    `threads` threads, on CPU; the best of `repeats` runs each. `gemv_cols`: the width of the matrix-vector
-    product's rows (a model's hidden size: narrow rows are read more slowly than a plain stream)."""
+    `threads` threads, on `device`; the best of `repeats` runs each. `gemv_cols`: the width of the
+    matrix-vector product's rows (a model's hidden size: narrow rows are read more slowly than a plain
+    stream). Sizes default to 1024² and 256 MiB on a CPU, 8192² and 2 GiB on a GPU (whose kernels
+    would otherwise finish in the time it takes to launch them)."""
+    gpu = torch.device(device).type == "cuda"
+    gemm_size = gemm_size or (8192 if gpu else 1024)
+    read_mib = read_mib or (2048 if gpu else 256)
+    sync = torch.cuda.synchronize if gpu else None
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         g = torch.Generator().manual_seed(0)
-        a = torch.randn(gemm_size, gemm_size, generator=g).to(dtype)
-        b = torch.randn(gemm_size, gemm_size, generator=g).to(dtype)
-        gemm = 2 * gemm_size**3 / _best(lambda: torch.mm(a, b), repeats)
+        a = torch.randn(gemm_size, gemm_size, generator=g).to(device, dtype)
+        b = torch.randn(gemm_size, gemm_size, generator=g).to(device, dtype)
+        gemm = 2 * gemm_size**3 / _best(lambda: torch.mm(a, b), repeats, sync)
         del a, b
         cols = gemv_cols
-        matrix = torch.ones(read_mib * 2**20 // (4 * cols), cols)  # float32 rows: a plain streaming read
+        matrix = torch.ones(read_mib * 2**20 // (4 * cols), cols, device=device)  # float32 rows: a plain streaming read
         nbytes = matrix.numel() * matrix.element_size()
-        reduce = nbytes / _best(lambda: matrix.sum(), repeats)
+        reduce = nbytes / _best(lambda: matrix.sum(), repeats, sync)
         matrix = matrix.to(dtype)  # the matrix-vector product in the model's dtype
-        vector = torch.ones(cols, dtype=dtype)
-        gemv = matrix.numel() * matrix.element_size() / _best(lambda: torch.mv(matrix, vector), repeats)
+        vector = torch.ones(cols, dtype=dtype, device=device)
+        gemv = matrix.numel() * matrix.element_size() / _best(lambda: torch.mv(matrix, vector), repeats, sync)
     finally:
         torch.set_num_threads(previous)
     return MachineRates(threads=threads, gemm_flop_s=gemm, read_bytes_s=max(reduce, gemv), gemv_bytes_s=gemv)

@@ -16,23 +16,28 @@ def median(times: list[float]) -> float:
     return times[n // 2] if n % 2 else (times[n // 2 - 1] + times[n // 2]) / 2
 
 
-def interleaved_medians(cases: Mapping[str, Case], repeats: int) -> dict[str, float]:
+def interleaved_medians(cases: Mapping[str, Case], repeats: int,
+                        sync: Callable[[], object] | None = None) -> dict[str, float]:
     """Median wall time (s) of every case over `repeats` rounds, after one warm-up round.
 
     The cases run in turn within each round, in reverse order every other round (a, b, c, c, b, a,
     ...), so that neither the load nor the caches favour the case that always runs first. A case's
-    setup runs before each of its calls, untimed.
+    setup runs before each of its calls, untimed. `sync`: waits for work queued on a device (a GPU's
+    kernels run asynchronously), before the clock starts and before it stops.
     """
     if repeats < 1:
         raise ValueError("repeats must be at least 1")
+    wait = sync or (lambda: None)
     times: dict[str, list[float]] = {name: [] for name in cases}
     order = list(cases.items())
     for i in range(repeats + 1):
         for name, (setup, fn) in order if i % 2 == 0 else order[::-1]:
             if setup is not None:
                 setup()
+            wait()
             t0 = time.perf_counter()
             fn()
+            wait()
             elapsed = time.perf_counter() - t0
             if i:  # round 0 is the warm-up
                 times[name].append(elapsed)
