@@ -43,7 +43,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from memllm.bench.machine import ModelShape, decode_bytes, forward_flops, measure
-from memllm.bench.timing import interleaved_medians, load_average
+from memllm.bench.timing import device_sync, interleaved_medians, load_average
 from memllm.train.options import option
 
 
@@ -175,7 +175,6 @@ def _run(cfg: BenchConfig, repeats: int, seed: int) -> dict:
     prompt = torch.randint(0, cfg.vocab_size, (1, cfg.prompt_tokens), generator=g).to(cfg.device)
     context = torch.randint(0, cfg.vocab_size, (cfg.context_tokens,), generator=g).to(cfg.device)
     memory = new_memory(model, cfg, seed)
-    gpu = model.device.type == "cuda"
 
     def generate(n: int):
         out = model.generate(memory, prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False)
@@ -207,7 +206,7 @@ def _run(cfg: BenchConfig, repeats: int, seed: int) -> dict:
         "gen_reused": (cached, lambda: generate(cfg.new_tokens)),
         "gen_recomputed": (clear, lambda: generate(cfg.new_tokens)),
         "inject": (fresh, inject),
-    }, repeats, sync=torch.cuda.synchronize if gpu else None)
+    }, repeats, sync=device_sync(cfg.device))
     ttft_reused, ttft_recomputed, prefix = m["ttft_reused"], m["ttft_recomputed"], m["prefix"]
     gen_reused, gen_recomputed, inject_s = m["gen_reused"], m["gen_recomputed"], m["inject"]
 
@@ -265,7 +264,7 @@ def _run(cfg: BenchConfig, repeats: int, seed: int) -> dict:
         "transformers": transformers.__version__,
         "python": platform.python_version(),
         "cpu_count": os.cpu_count(),
-        "gpu": torch.cuda.get_device_name(model.device) if gpu else None,
+        "gpu": torch.cuda.get_device_name(model.device) if model.device.type == "cuda" else None,
         # other processes on the machine slow every number down: the 1-minute load average (compare
         # with cpu_count) before and after the timed rounds
         "loadavg_1m_before": load_before,

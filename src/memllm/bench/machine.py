@@ -15,10 +15,11 @@ kernel happens to do).
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
 import torch
+
+from memllm.bench.timing import device_sync, timed
 
 
 @dataclass(frozen=True)
@@ -60,16 +61,8 @@ class ModelShape:
 
 
 def _best(fn, repeats: int, sync=None) -> float:
-    wait = sync or (lambda: None)
     fn()  # warm-up: allocation, first-touch, thread pool
-    best = float("inf")
-    for _ in range(repeats):
-        wait()
-        t0 = time.perf_counter()
-        fn()
-        wait()
-        best = min(best, time.perf_counter() - t0)
-    return best
+    return min(timed(fn, sync) for _ in range(repeats))
 
 
 def measure(threads: int, dtype: torch.dtype = torch.float32, gemm_size: int | None = None,
@@ -80,10 +73,9 @@ def measure(threads: int, dtype: torch.dtype = torch.float32, gemm_size: int | N
     matrix-vector product's rows (a model's hidden size: narrow rows are read more slowly than a plain
     stream). Sizes default to 1024² and 256 MiB on a CPU, 8192² and 2 GiB on a GPU (whose kernels
     would otherwise finish in the time it takes to launch them)."""
-    gpu = torch.device(device).type == "cuda"
-    gemm_size = gemm_size or (8192 if gpu else 1024)
-    read_mib = read_mib or (2048 if gpu else 256)
-    sync = torch.cuda.synchronize if gpu else None
+    sync = device_sync(device)  # None on a CPU
+    gemm_size = gemm_size or (8192 if sync else 1024)
+    read_mib = read_mib or (2048 if sync else 256)
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:

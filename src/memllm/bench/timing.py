@@ -7,7 +7,26 @@ import os
 import time
 from collections.abc import Callable, Mapping
 
+import torch
+
 Case = tuple[Callable[[], object] | None, Callable[[], object]]  # (untimed setup, timed call)
+
+
+def device_sync(device: "str | torch.device") -> Callable[[], object] | None:
+    """What waits for a device's queued work before a clock is read: a GPU runs kernels
+    asynchronously, a CPU call has finished when it returns (None)."""
+    return torch.cuda.synchronize if torch.device(device).type == "cuda" else None
+
+
+def timed(fn: Callable[[], object], sync: Callable[[], object] | None = None) -> float:
+    """Wall seconds of one call of fn, waiting for the device (`sync`) before and after."""
+    if sync is not None:
+        sync()
+    t0 = time.perf_counter()
+    fn()
+    if sync is not None:
+        sync()
+    return time.perf_counter() - t0
 
 
 def median(times: list[float]) -> float:
@@ -27,18 +46,13 @@ def interleaved_medians(cases: Mapping[str, Case], repeats: int,
     """
     if repeats < 1:
         raise ValueError("repeats must be at least 1")
-    wait = sync or (lambda: None)
     times: dict[str, list[float]] = {name: [] for name in cases}
     order = list(cases.items())
     for i in range(repeats + 1):
         for name, (setup, fn) in order if i % 2 == 0 else order[::-1]:
             if setup is not None:
                 setup()
-            wait()
-            t0 = time.perf_counter()
-            fn()
-            wait()
-            elapsed = time.perf_counter() - t0
+            elapsed = timed(fn, sync)
             if i:  # round 0 is the warm-up
                 times[name].append(elapsed)
     return {name: median(t) for name, t in times.items()}
