@@ -177,7 +177,7 @@ class Memory:
         `carried` [L, n]: the sources of the rows the first n new rows were computed from alone
         (`inject.update`); those rows keep them and count as rows of those updates in the log."""
         update = self.num_updates + 1
-        log = self._log().clone()
+        log = self._log()
         if kept is None:
             self.sources = torch.full_like(self.sources, update)
         else:
@@ -186,6 +186,7 @@ class Memory:
             start = kept.shape[-1]  # the first new row
             self.sources[:, start:start + carried.shape[-1]] = carried.to(self.sources)
             ids, counts = torch.unique(carried.cpu(), return_counts=True)
+            log = log.clone()  # the carried rows count as rows of the updates they came from
             for u, c in zip(ids.tolist(), counts.tolist()):
                 if 1 <= u <= log.shape[0]:
                     log[u - 1, 1] += c
